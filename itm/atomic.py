@@ -1,0 +1,59 @@
+"""Write outputs under a temporary name and rename them into place only when complete.
+
+An interrupted stage then never leaves a half-written output for DVC to cache, and an existing output is only
+replaced once its successor is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _replace(staged: Path, final: Path) -> None:
+    """Move `staged` to `final`, replacing what is there only after the new one is in place."""
+    if not final.exists():
+        os.replace(staged, final)
+        return
+    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, retired)
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        os.replace(retired, final)
+        raise
+    if retired.is_dir():
+        shutil.rmtree(retired)
+    else:
+        retired.unlink()
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty sibling directory of `final`; on success it becomes `final`, on failure it is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield staging
+        _replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+@contextlib.contextmanager
+def staged_file(final: Path) -> Iterator[Path]:
+    """Yield a sibling temporary path for `final`; on success it becomes `final`, on failure it is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+    os.close(descriptor)
+    staging = Path(name)
+    try:
+        yield staging
+        _replace(staging, final)
+    finally:
+        staging.unlink(missing_ok=True)

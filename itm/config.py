@@ -1,0 +1,308 @@
+"""The one schema for `params.yaml`: frozen pydantic sections, unknown keys rejected, variants chosen by `kind`.
+
+`load_params` is the only reader of `params.yaml`. A mistake in the file becomes a `UserError` whose message has
+one line per problem, each naming the YAML path, the bad value and what is allowed, e.g.
+
+    params.yaml: datasets.synthetic.kind: 'synthetc' is not one of 'synthetic', 'flickr30k', 'coco'
+
+Named blocks that hold one of several variants (`datasets:` now, `matchers:` later) are discriminated unions on
+`kind`: the `kind` picks the schema that checks the rest of the block. Write floats with a decimal point
+(`5.0e-4`, not `5e-4`): YAML 1.1 reads the latter as a string.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+from itm.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+# A block name doubles as a folder name (data/raw/<name>, models/<name>), so keep it filesystem- and DVC-safe.
+BlockName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_\-]*$")]
+Md5 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Section(BaseModel):
+    """Base of every params.yaml block: unknown keys are errors and values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- datasets -------------------------------------------------------------------------------------------------------
+
+
+class SplitSizes(Section):
+    """Number of images per split."""
+
+    train: int = Field(gt=0)
+    val: int = Field(gt=0)
+    test: int = Field(gt=0)
+
+
+class SyntheticDataset(Section):
+    """Generated scenes of coloured shapes with grammar captions: the offline default (see itm.data.synthetic)."""
+
+    kind: Literal["synthetic"]
+    seed: int = 0
+    splits: SplitSizes = SplitSizes(train=3000, val=500, test=1000)
+    image_size: int = Field(128, ge=64, le=1024)  # square images, pixels
+    captions_per_image: int = Field(5, ge=1, le=20)
+    min_objects: int = Field(2, ge=1, le=8)
+    max_objects: int = Field(4, ge=1, le=8)
+    # Share of scenes generated as a near-duplicate of the previous one: same objects, but one colour/shape
+    # binding swapped or one spatial relation flipped, so only fine-grained matching tells them apart.
+    twin_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    jpeg_quality: int = Field(92, ge=50, le=100)
+
+    @model_validator(mode="after")
+    def _object_range(self) -> SyntheticDataset:
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) must not exceed max_objects ({self.max_objects})")
+        return self
+
+
+class RemoteFile(Section):
+    """A file to fetch: an http(s) URL or a local path, with the size and checksums to verify when known."""
+
+    source: str | None = None
+    size: int | None = Field(None, gt=0)  # bytes
+    md5: Md5 | None = None
+    sha256: Sha256 | None = None
+
+
+class KarpathySplitFile(RemoteFile):
+    """The Karpathy split JSON, either as a plain file or as a `member` of a zip archive."""
+
+    member: str | None = None
+
+
+class ImageArchive(RemoteFile):
+    """A zip or tar archive of images. Members outside `strip_prefix` are ignored; the prefix is removed."""
+
+    strip_prefix: str = ""
+
+
+class KarpathyDataset(Section):
+    """A real dataset in Karpathy splits: Flickr30K or MS-COCO 2014 (restval joins train)."""
+
+    kind: Literal["flickr30k", "coco"]
+    karpathy: KarpathySplitFile
+    images: tuple[ImageArchive, ...] = Field(min_length=1)
+    # Retrieval protocols use exactly 5 captions per image; COCO images with more keep their first 5.
+    captions_per_image: int = Field(5, ge=1, le=20)
+
+
+DatasetParams = Annotated[Union[SyntheticDataset, KarpathyDataset], Field(discriminator="kind")]
+
+
+# --- stages ---------------------------------------------------------------------------------------------------------
+
+
+class DownloadParams(Section):
+    """How HTTP downloads behave."""
+
+    retries: int = Field(5, ge=0, le=50)  # further attempts after the first
+    backoff_seconds: float = Field(2.0, ge=0.0)  # wait before retry n is backoff_seconds * 2**(n-1)
+    timeout_seconds: float = Field(60.0, gt=0.0)  # per connection attempt and per read
+
+
+class ConceptParams(Section):
+    """The CVSE concept vocabulary: the most frequent content words of the train captions."""
+
+    top_k: int = Field(300, gt=0)
+    # Function words are left out so that concepts are (mostly) nouns, adjectives and verbs.
+    stop_words: Literal["english", "none"] = "english"
+
+
+class TokenizeParams(Section):
+    """Captions to token ids."""
+
+    min_count: int = Field(4, ge=1)  # train-caption occurrences for a word to enter the vocabulary (SCAN: 4)
+    concepts: ConceptParams = ConceptParams()
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    datasets: dict[BlockName, DatasetParams] = Field(min_length=1)
+    dataset: BlockName  # the key of `datasets` the pipeline runs on
+    download: DownloadParams = DownloadParams()
+    tokenize: TokenizeParams = TokenizeParams()
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str, info: Any) -> str:
+        known = info.data.get("datasets")
+        if known is not None and value not in known:
+            raise ValueError(f"{value!r} is not a key of datasets ({_choices(known)})")
+        return value
+
+    @property
+    def active_dataset(self) -> SyntheticDataset | KarpathyDataset:
+        return self.datasets[self.dataset]
+
+
+# --- loading and error messages -------------------------------------------------------------------------------------
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate `path`; any problem raises a `UserError` with one line per mistake."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
+    """Validate an already-parsed params document."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        lines = [f"{source}: {line}" for line in describe_errors(error, Params)]
+        raise UserError("\n".join(lines)) from None
+
+
+def describe_errors(error: ValidationError, root: type[BaseModel]) -> list[str]:
+    """One self-contained line per pydantic error: YAML path, bad value, allowed values."""
+    return [_describe(detail, root) for detail in error.errors(include_url=False)]
+
+
+def _describe(detail: Any, root: type[BaseModel]) -> str:
+    loc = detail["loc"]
+    kind, ctx, value = detail["type"], detail.get("ctx", {}), detail.get("input")
+    if loc and loc[-1] == "[key]":  # a dict key (e.g. a dataset name) is invalid, not a value
+        path, _, _ = _resolve(root, loc[:-2])
+        return f"{path}: key {value!r} must match {ctx.get('pattern', 'the allowed pattern')}"
+    path, parent, leaf = _resolve(root, loc)
+    if kind == "extra_forbidden":
+        allowed = list(parent.model_fields) if _is_model(parent) else []
+        return f"{path}: unknown key (allowed: {', '.join(allowed)})"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind == "literal_error":
+        return f"{path}: {value!r} is not one of {ctx['expected'].replace(' or ', ', ')}"
+    if kind == "union_tag_invalid":
+        return f"{path}.{_strip_quotes(ctx['discriminator'])}: {ctx['tag']!r} is not one of {ctx['expected_tags']}"
+    if kind == "union_tag_not_found":
+        tags = ", ".join(repr(tag) for tag in _union_tags(leaf))
+        return f"{path}: missing key {ctx['discriminator']} that selects the variant (one of {tags})"
+    if kind in _BOUNDS:
+        return f"{path}: must be {_BOUNDS[kind]} {next(iter(ctx.values()))}, got {value!r}"
+    if kind == "too_short":
+        return f"{path}: needs at least {ctx['min_length']} item(s), got {value!r}"
+    if kind == "too_long":
+        return f"{path}: allows at most {ctx['max_length']} item(s), got {value!r}"
+    if kind in _EXPECTED:
+        return f"{path}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: {value!r} does not match the pattern {ctx['pattern']}"
+    if kind == "value_error":
+        return f"{path}: {str(ctx.get('error', detail['msg']))}"
+    message = detail["msg"][0].lower() + detail["msg"][1:]
+    return f"{path}: {message}, got {value!r}"
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "tuple_type": "a list",
+    "list_type": "a list",
+}
+
+
+def _resolve(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, Any, Any]:
+    """The dotted YAML path of `loc` (without pydantic's union-tag steps), the type holding its last key, and the
+    type at `loc` itself."""
+    path = ""
+    annotation: Any = root
+    parent: Any = root
+    for key in loc:
+        parent = annotation = _unwrap(annotation)
+        member = _union_member(annotation, key)
+        if member is not None:  # pydantic inserts the discriminator tag into the location: not a YAML key
+            annotation = member
+            continue
+        if isinstance(key, int):
+            path += f"[{key}]"
+        else:
+            path += f".{key}" if path else str(key)
+        annotation = _child(annotation, key)
+    return path or "(top level)", _unwrap(parent), _unwrap(annotation)
+
+
+def _unwrap(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _variants(annotation: Any) -> dict[str, Any]:
+    """`kind` tag -> schema, for a discriminated union; empty for anything else."""
+    if typing.get_origin(annotation) not in (Union, types.UnionType):
+        return {}
+    variants = {}
+    for member in map(_unwrap, typing.get_args(annotation)):
+        if _is_model(member) and "kind" in member.model_fields:
+            variants.update(dict.fromkeys(typing.get_args(member.model_fields["kind"].annotation), member))
+    return variants
+
+
+def _union_tags(annotation: Any) -> list[str]:
+    return list(_variants(annotation))
+
+
+def _union_member(annotation: Any, key: Any) -> Any:
+    return _variants(annotation).get(key) if isinstance(key, str) else None
+
+
+def _child(annotation: Any, key: Any) -> Any:
+    if _is_model(annotation):
+        field = annotation.model_fields.get(key)
+        return field.annotation if field is not None else None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if origin in (tuple, list) and args:
+        return args[0]
+    if origin in (Union, types.UnionType):  # Optional[X]: step into the non-None member
+        options = [a for a in args if a is not type(None)]
+        return _child(_unwrap(options[0]), key) if len(options) == 1 else None
+    return None
+
+
+def _choices(names: Any) -> str:
+    return "choices: " + ", ".join(repr(name) for name in names)
+
+
+def _strip_quotes(text: str) -> str:
+    return text.strip("'\"")

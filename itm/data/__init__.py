@@ -1,0 +1,1 @@
+"""Datasets: sources (synthetic, Flickr30K, COCO), download, records and captions."""
