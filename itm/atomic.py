@@ -17,14 +17,14 @@ from pathlib import Path
 def _replace(staged: Path, final: Path) -> None:
     """Move `staged` to `final`, replacing what is there only after the new one is in place."""
     if not final.exists():
-        os.replace(staged, final)
+        staged.replace(final)
         return
     retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, retired)
+    final.replace(retired)
     try:
-        os.replace(staged, final)
+        staged.replace(final)
     except BaseException:
-        os.replace(retired, final)
+        retired.replace(final)
         raise
     if retired.is_dir():
         shutil.rmtree(retired)

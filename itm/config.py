@@ -55,8 +55,8 @@ class SyntheticDataset(Section):
     splits: SplitSizes = SplitSizes(train=3000, val=500, test=1000)
     image_size: int = Field(128, ge=64, le=1024)  # square images, pixels
     captions_per_image: int = Field(5, ge=1, le=20)
-    min_objects: int = Field(2, ge=1, le=8)
-    max_objects: int = Field(4, ge=1, le=8)
+    min_objects: int = Field(2, ge=1, le=6)
+    max_objects: int = Field(4, ge=1, le=6)
     # Share of scenes generated as a near-duplicate of the previous one: same objects, but one colour/shape
     # binding swapped or one spatial relation flipped, so only fine-grained matching tells them apart.
     twin_fraction: float = Field(0.5, ge=0.0, le=1.0)
@@ -100,7 +100,7 @@ class KarpathyDataset(Section):
     captions_per_image: int = Field(5, ge=1, le=20)
 
 
-DatasetParams = Annotated[Union[SyntheticDataset, KarpathyDataset], Field(discriminator="kind")]
+DatasetParams = Annotated[SyntheticDataset | KarpathyDataset, Field(discriminator="kind")]
 
 
 # --- stages ---------------------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def _describe(detail: Any, root: type[BaseModel]) -> str:
     if kind == "string_pattern_mismatch":
         return f"{path}: {value!r} does not match the pattern {ctx['pattern']}"
     if kind == "value_error":
-        return f"{path}: {str(ctx.get('error', detail['msg']))}"
+        return f"{path}: {ctx.get('error', detail['msg'])}"
     message = detail["msg"][0].lower() + detail["msg"][1:]
     return f"{path}: {message}, got {value!r}"
 

@@ -1,0 +1,32 @@
+"""What every stage entry point shares: one-line errors for user mistakes, and logging set-up."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from itm.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+    """Run a stage's `main`; a `UserError` prints `error: ...` lines on stderr and exits with status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # A terminated stage unwinds like an interrupted one, so temporary outputs are removed on the way out.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        main(argv)
+    except UserError as error:
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; outputs already complete are kept, partial ones were removed", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,176 @@
+"""Experiment tracking behind a small interface: MLflow for real runs, a null tracker for tests.
+
+Library code receives a `Tracker` and never imports mlflow. Stages open one run each with `start_run`, tagged with
+the stage name, the git revision and, inside `dvc exp run`, the experiment name.
+
+The default store is `sqlite:///<repository>/mlflow.db` with an absolute path, so runs from `dvc exp run --temp`
+or `--queue` (which execute in copies under `<repository>/.dvc/tmp/exps/`) land in the same database as the
+workspace's. `MLFLOW_TRACKING_URI` overrides it, e.g. with a team's `mlflow server`. `ITM_TRACKING=off` turns
+tracking off (the null tracker), which the test suite uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "itm"
+_EXPERIMENT_TEMP_DIR = Path(".dvc") / "tmp" / "exps"
+
+
+class Tracker(Protocol):
+    """What library code may record about a run."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None: ...
+
+
+class NullTracker:
+    """Keeps what it is given in memory and sends it nowhere; tests read it back."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[dict[str, float], int | None]] = []
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.dicts: dict[str, Mapping[str, Any]] = {}
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(flatten(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.append((dict(metrics), step))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((path, artifact_path))
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        self.dicts[name] = data
+
+
+class MlflowTracker:
+    """Logs to one MLflow run."""
+
+    def __init__(self, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self._client = MlflowClient()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        # MLflow params are flat strings of bounded length; the full structure also goes in as a JSON artifact.
+        mlflow.log_params({key: _param_value(value) for key, value in flatten(params).items()}, run_id=self.run_id)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step, run_id=self.run_id)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        self._client.log_dict(self.run_id, dict(data), name)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:6000]
+
+
+def repository_root(start: Path | None = None) -> Path:
+    """The DVC repository a stage runs in; for `dvc exp` temporary copies, the repository they were copied from."""
+    here = (start or Path.cwd()).resolve()
+    root = next((p for p in (here, *here.parents) if (p / ".dvc").is_dir()), here)
+    parts = root.parts
+    marker = _EXPERIMENT_TEMP_DIR.parts
+    for i in range(len(parts) - len(marker)):
+        if parts[i : i + len(marker)] == marker:
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the repository's sqlite store (absolute path)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
+
+
+def git_revision() -> str:
+    """The commit being run, with `-dirty` when the working tree has uncommitted changes; `unknown` outside git."""
+    try:
+        revision = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{revision}-dirty" if dirty else revision
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=30)
+    return done.stdout.strip()
+
+
+def run_tags(stage: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    revision = git_revision()
+    tags = {"itm.stage": stage, "itm.git_revision": revision, "mlflow.source.git.commit": revision.split("-")[0]}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["itm.dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags | dict(extra or {})
+
+
+def _use_experiment(name: str, artifact_root: Path | None) -> None:
+    """Select the experiment, creating it with its artifacts beside the default store when that store is ours.
+
+    Without an explicit location MLflow puts artifacts under the working directory, which for the first run of a
+    `dvc exp run --temp` would be a throw-away copy of the repository.
+    """
+    import mlflow
+
+    if artifact_root is not None and mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
+    mlflow.set_experiment(name)
+
+
+@contextlib.contextmanager
+def start_run(stage: str, tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+    """Open a tracking run for one stage; it ends FAILED if the stage raises."""
+    if os.environ.get("ITM_TRACKING", "").lower() in {"off", "0", "false", "none"}:
+        yield NullTracker()
+        return
+    import mlflow
+
+    uri = tracking_uri()
+    own_store = "MLFLOW_TRACKING_URI" not in os.environ  # read before mlflow.set_tracking_uri, which sets it
+    mlflow.set_tracking_uri(uri)
+    _use_experiment(
+        os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), repository_root() / "mlruns" if own_store else None
+    )
+    with mlflow.start_run(run_name=stage, tags=run_tags(stage, tags)) as run:
+        log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, uri)
+        yield MlflowTracker(run.info.run_id)

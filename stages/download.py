@@ -1,0 +1,31 @@
+"""DVC stage `download`: materialise the dataset selected by `dataset` in params.yaml under data/raw/<name>."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from itm.cli import run_stage
+from itm.config import PARAMS_FILE, load_params
+from itm.data.sources import materialise
+from itm.tracking import start_run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--out", type=Path, required=True, help="dataset folder to write (data/raw/<name>)")
+    parser.add_argument("--cache", type=Path, default=Path("data/downloads"), help="where downloads are kept")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    dataset = params.active_dataset
+    with start_run("download", tags={"itm.dataset": params.dataset}) as tracker:
+        tracker.log_params({"dataset": params.dataset, "datasets": {params.dataset: dataset.model_dump(mode="json")}})
+        summary = materialise(params.dataset, dataset, args.out, cache_dir=args.cache, download=params.download)
+        tracker.log_metrics(summary)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,92 @@
+"""The DVC pipeline end to end on a tiny profile, and dvc.yaml's consistency with the code and the schema."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from itm.config import Params
+from tests.conftest import REPO, TINY_SYNTHETIC
+
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_every_stage_depends_on_its_own_script_and_the_schema() -> None:
+    for name, stage in DVC_YAML["stages"].items():
+        module = stage["cmd"].split()[2]  # python -m stages.<name> ...
+        assert f"{module.replace('.', '/')}.py" in stage["deps"], name
+        assert "itm/config.py" in stage["deps"], name
+        for dep in stage["deps"]:
+            if not dep.startswith("data/"):
+                assert (REPO / dep).exists(), f"{name}: {dep}"
+
+
+def test_every_tracked_param_is_in_the_schema() -> None:
+    for name, stage in DVC_YAML["stages"].items():
+        for key in stage.get("params", []):
+            top = key.split(".")[0]
+            assert top in Params.model_fields, f"{name}: {key}"
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "itm tests",
+        "GIT_AUTHOR_EMAIL": "tests@itm.invalid",
+        "GIT_COMMITTER_NAME": "itm tests",
+        "GIT_COMMITTER_EMAIL": "tests@itm.invalid",
+    }
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def tiny_repo(tmp_path: Path) -> Path:
+    """A git + DVC repository holding this pipeline with the tiny synthetic profile."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("itm", "stages"):
+        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, repo / name)
+    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["datasets"]["synthetic"] = {"kind": "synthetic", **TINY_SYNTHETIC}
+    params["tokenize"]["min_count"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "tiny pipeline"], repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo: Path) -> None:
+    first = _run(["dvc", "repro"], tiny_repo)
+    assert "Running stage 'download'" in first.stdout and "Running stage 'tokenize'" in first.stdout
+    dataset_json = tiny_repo / "data" / "raw" / "synthetic" / "dataset.json"
+    test_captions = tiny_repo / "data" / "captions" / "test.parquet"
+    before = _md5(dataset_json), _md5(test_captions)
+
+    again = _run(["dvc", "repro"], tiny_repo)
+    assert "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date." in again.stdout
+
+    _run(["git", "add", "dvc.lock"], tiny_repo)
+    _run(["git", "commit", "-qm", "lock"], tiny_repo)
+    experiment = _run(["dvc", "exp", "run", "-S", "datasets.synthetic.seed=7"], tiny_repo)
+    assert "Running stage 'download'" in experiment.stdout
+    assert (_md5(dataset_json), _md5(test_captions)) != before
+    assert yaml.safe_load((tiny_repo / "params.yaml").read_text())["datasets"]["synthetic"]["seed"] == 7
