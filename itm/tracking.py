@@ -158,11 +158,28 @@ def _use_experiment(name: str, artifact_root: Path | None) -> None:
 
 
 @contextlib.contextmanager
-def start_run(stage: str, tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
-    """Open a tracking run for one stage; it ends FAILED if the stage raises."""
+def start_run(
+    stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[Tracker]:
+    """Open a tracking run for one stage and record `params` (flat, and whole as `params.json`).
+
+    The run ends FAILED if the stage raises.
+    """
+    with _open_tracker(stage, tags) as tracker:
+        if params is not None:
+            tracker.log_params(params)
+            tracker.log_dict(params, "params.json")
+        yield tracker
+
+
+def _open_tracker(stage: str, tags: Mapping[str, str] | None) -> contextlib.AbstractContextManager[Tracker]:
     if os.environ.get("ITM_TRACKING", "").lower() in {"off", "0", "false", "none"}:
-        yield NullTracker()
-        return
+        return contextlib.nullcontext(NullTracker())
+    return _mlflow_run(stage, tags)
+
+
+@contextlib.contextmanager
+def _mlflow_run(stage: str, tags: Mapping[str, str] | None) -> Iterator[Tracker]:
     import mlflow
 
     uri = tracking_uri()

@@ -21,8 +21,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params(args.params)
     dataset = params.active_dataset
-    with start_run("download", tags={"itm.dataset": params.dataset}) as tracker:
-        tracker.log_params({"dataset": params.dataset, "datasets": {params.dataset: dataset.model_dump(mode="json")}})
+    logged = {"dataset": params.dataset, "datasets": {params.dataset: dataset.model_dump(mode="json")}}
+    with start_run("download", params=logged, tags={"itm.dataset": params.dataset}) as tracker:
         summary = materialise(params.dataset, dataset, args.out, cache_dir=args.cache, download=params.download)
         tracker.log_metrics(summary)
 

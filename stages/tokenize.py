@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params(args.params)
     settings = params.tokenize
-    with start_run("tokenize", tags={"itm.dataset": params.dataset}) as tracker:
-        tracker.log_params({"tokenize": settings.model_dump(mode="json")})
+    logged = {"tokenize": settings.model_dump(mode="json")}
+    with start_run("tokenize", params=logged, tags={"itm.dataset": params.dataset}) as tracker:
         summary = write_captions(
             read_dataset_json(args.dataset_json),
             args.out,

@@ -38,11 +38,11 @@ def test_tags_name_stage_revision_and_experiment(monkeypatch: pytest.MonkeyPatch
 
 
 def test_tracking_off_gives_the_null_tracker() -> None:
-    with start_run("download") as tracker:
+    with start_run("download", params={"a": {"b": 2}}) as tracker:
         assert isinstance(tracker, NullTracker)
-        tracker.log_params({"a": {"b": 2}})
         tracker.log_metrics({"images/train": 3}, step=1)
-    assert tracker.params == {"a.b": 2} and tracker.metrics == [({"images/train": 3}, 1)]
+    assert tracker.params == {"a.b": 2} and tracker.dicts == {"params.json": {"a": {"b": 2}}}
+    assert tracker.metrics == [({"images/train": 3}, 1)]
 
 
 def test_mlflow_run_records_params_metrics_tags_and_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,10 +53,10 @@ def test_mlflow_run_records_params_metrics_tags_and_failures(tmp_path: Path, mon
     monkeypatch.setenv("ITM_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "itm-test")
     monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
-    with start_run("tokenize", tags={"itm.dataset": "synthetic"}) as tracker:
-        tracker.log_params({"tokenize": {"min_count": 4, "concepts": {"top_k": 300}}})
+    params = {"tokenize": {"min_count": 4, "concepts": {"top_k": 300}}}
+    with start_run("tokenize", params=params, tags={"itm.dataset": "synthetic"}) as tracker:
         tracker.log_metrics({"captions/train": 15.0})
-        tracker.log_dict({"x": 1}, "params.json")
+        run_id = tracker.run_id
     with pytest.raises(RuntimeError), start_run("download"):
         raise RuntimeError("boom")
 
@@ -67,5 +67,6 @@ def test_mlflow_run_records_params_metrics_tags_and_failures(tmp_path: Path, mon
     assert ok["tags.itm.stage"] == "tokenize" and ok["tags.itm.dvc_exp_name"] == "exp-1"
     assert ok["tags.itm.dataset"] == "synthetic" and ok["tags.itm.git_revision"]
     assert ok["params.tokenize.concepts.top_k"] == "300" and ok["metrics.captions/train"] == 15.0
+    assert mlflow.artifacts.load_dict(f"runs:/{run_id}/params.json") == params
     experiment = mlflow.get_experiment_by_name("itm-test")
     assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri())
