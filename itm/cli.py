@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -30,3 +31,8 @@ def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def default_workers() -> int:
+    """Image-decoding worker processes: one core is left to the model, at most four workers."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

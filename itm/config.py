@@ -106,6 +106,112 @@ DatasetParams = Annotated[SyntheticDataset | KarpathyDataset, Field(discriminato
 # --- stages ---------------------------------------------------------------------------------------------------------
 
 
+class DetectorArchitecture(Section):
+    """The bottom-up Faster R-CNN. Defaults are the Visual Genome BUTD ResNet-101 (Anderson et al. 2018)."""
+
+    blocks: tuple[int, int, int, int] = (3, 4, 23, 3)  # bottlenecks in res2..res5 (ResNet-101)
+    width: int = Field(64, ge=4)  # res2 planes; stage s has width * 2**(s-2) planes and 4x that many outputs
+    rpn_channels: int = Field(512, ge=1)
+    anchor_scales: tuple[float, ...] = Field((4.0, 8.0, 16.0, 32.0), min_length=1)  # x 16 px
+    anchor_ratios: tuple[float, ...] = Field((0.5, 1.0, 2.0), min_length=1)  # height / width
+    pool_size: int = Field(14, ge=1)  # RoI max-pool resolution on res4
+    class_embedding: int = Field(256, ge=1)
+    attribute_hidden: int = Field(512, ge=1)
+    # Attribute loss weight 0.5, as in detectron2 Visual Genome attribute training (lichengunc/detectron2).
+    attribute_loss_weight: float = Field(0.5, ge=0.0)
+    min_size: int = Field(600, ge=32)  # shorter image side at the network input
+    max_size: int = Field(1000, ge=32)  # cap on the longer side
+    rpn_pre_nms_train: int = Field(12000, ge=1)
+    rpn_post_nms_train: int = Field(2000, ge=1)
+    rpn_pre_nms_test: int = Field(6000, ge=1)
+    rpn_post_nms_test: int = Field(300, ge=1)
+    rpn_nms_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    roi_batch_per_image: int = Field(128, ge=1)  # sampled RoIs per image in training
+
+    @property
+    def feature_dim(self) -> int:
+        return self.width * 32
+
+
+class DetectorTraining(Section):
+    """Training the detector from scratch on the synthetic boxes (SGD with warm-up and step decay)."""
+
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(0.02, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1.0e-4, ge=0.0)
+    warmup_iterations: int = Field(100, ge=0)
+    decay_at: tuple[float, ...] = (0.75,)  # fractions of training after which the learning rate drops 10x
+    max_images: int | None = Field(None, ge=1)  # train on at most this many train images (None: all)
+    seed: int = 0
+
+
+class PretrainedDetector(Section):
+    """Published BUTD weights to convert: a detectron2-format pickle or a MILVLG `.pth`."""
+
+    source: str | None = None  # path or http(s) URL
+    sha256: Sha256 | None = None  # required: a file with another checksum is refused
+    layout: Literal["detectron2", "milvlg"] = "detectron2"
+    # Visual Genome vocabularies (objects_vocab.txt: 1600 lines, attributes_vocab.txt: 400), for the card.
+    objects_vocab: RemoteFile = RemoteFile()
+    attributes_vocab: RemoteFile = RemoteFile()
+
+
+class DetectorParams(Section):
+    """Where the bottom-up detector comes from: trained here, converted from published weights, or none."""
+
+    weights: Literal["train", "pretrained", "none"] = "train"
+    architectures: dict[BlockName, DetectorArchitecture] = Field(
+        default_factory=lambda: {"butd": DetectorArchitecture()}
+    )
+    architecture: BlockName = "butd"  # the key of `architectures` to build
+    train: DetectorTraining = DetectorTraining()
+    pretrained: PretrainedDetector = PretrainedDetector()
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str, info: Any) -> str:
+        known = info.data.get("architectures")
+        if known is not None and value not in known:
+            raise ValueError(f"{value!r} is not a key of detector.architectures ({_choices(known)})")
+        return value
+
+    @property
+    def active_architecture(self) -> DetectorArchitecture:
+        return self.architectures[self.architecture]
+
+    @model_validator(mode="after")
+    def _pretrained_complete(self) -> DetectorParams:
+        if self.weights == "pretrained":
+            missing = [key for key in ("source", "sha256") if getattr(self.pretrained, key) is None]
+            if missing:
+                raise ValueError(f"weights is 'pretrained' but pretrained.{missing[0]} is not set")
+        return self
+
+
+class RegionParams(Section):
+    """Bottom-up regions: Caffe-style selection from the detector, or SCAN's precomputed features."""
+
+    source: Literal["detector", "precomp"] = "detector"
+    # Selection of tools/generate_tsv.py: per-class NMS, a confidence threshold, then 10..100 boxes (36/36 also used).
+    min_boxes: int = Field(10, ge=1)
+    max_boxes: int = Field(100, ge=1)
+    confidence_threshold: float = Field(0.2, ge=0.0, le=1.0)
+    nms_threshold: float = Field(0.3, gt=0.0, le=1.0)
+    batch_size: int = Field(4, ge=1)  # images per forward pass (padding differs with batch composition)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precomp_dir: str | None = None  # folder with SCAN's {split}_ims.npy, {split}_ids.txt (source: precomp)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RegionParams:
+        if self.min_boxes > self.max_boxes:
+            raise ValueError(f"min_boxes ({self.min_boxes}) must not exceed max_boxes ({self.max_boxes})")
+        if self.source == "precomp" and self.precomp_dir is None:
+            raise ValueError("source is 'precomp' but precomp_dir is not set")
+        return self
+
+
 class DownloadParams(Section):
     """How HTTP downloads behave."""
 
@@ -135,6 +241,8 @@ class Params(Section):
     datasets: dict[BlockName, DatasetParams] = Field(min_length=1)
     dataset: BlockName  # the key of `datasets` the pipeline runs on
     download: DownloadParams = DownloadParams()
+    detector: DetectorParams = DetectorParams()
+    regions: RegionParams = RegionParams()
     tokenize: TokenizeParams = TokenizeParams()
 
     @field_validator("dataset")
@@ -189,6 +297,9 @@ def _describe(detail: Any, root: type[BaseModel]) -> str:
     if loc and loc[-1] == "[key]":  # a dict key (e.g. a dataset name) is invalid, not a value
         path, _, _ = _resolve(root, loc[:-2])
         return f"{path}: key {value!r} must match {ctx.get('pattern', 'the allowed pattern')}"
+    if kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length list that is too short
+        path, _, leaf = _resolve(root, loc[:-1])
+        return f"{path}: expected {len(typing.get_args(leaf))} items, got {value!r}"
     path, parent, leaf = _resolve(root, loc)
     if kind == "extra_forbidden":
         allowed = list(parent.model_fields) if _is_model(parent) else []

@@ -35,3 +35,23 @@ def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "synthetic"
     generate_synthetic(out, **TINY_SYNTHETIC)
     return out
+
+
+# A detector small enough to train and run in a test (same code as the BUTD model).
+TINY_DETECTOR = {
+    "blocks": (1, 1, 1, 1),
+    "width": 4,
+    "rpn_channels": 16,
+    "anchor_scales": (1.0, 2.0, 3.0),
+    "anchor_ratios": (0.5, 1.0, 2.0),
+    "pool_size": 4,
+    "class_embedding": 8,
+    "attribute_hidden": 16,
+    "min_size": 96,
+    "max_size": 96,
+    "rpn_pre_nms_train": 200,
+    "rpn_post_nms_train": 50,
+    "rpn_pre_nms_test": 200,
+    "rpn_post_nms_test": 30,
+    "roi_batch_per_image": 16,
+}

@@ -92,7 +92,34 @@ MISTAKES = [
         lambda r: r["tokenize"]["concepts"].update(stop_words="french"),
         "params.yaml: tokenize.concepts.stop_words: 'french' is not one of 'english', 'none'",
     ),
-    (lambda r: r.update(train=3), "params.yaml: train: unknown key (allowed: datasets, dataset, download, tokenize)"),
+    (
+        lambda r: r.update(train=3),
+        "params.yaml: train: unknown key (allowed: datasets, dataset, download, detector, regions, tokenize)",
+    ),
+    (
+        lambda r: r["detector"].update(architecture="huge"),
+        "params.yaml: detector.architecture: 'huge' is not a key of detector.architectures (choices: 'butd', 'small')",
+    ),
+    (
+        lambda r: r["detector"].update(weights="pretrained"),
+        "params.yaml: detector: weights is 'pretrained' but pretrained.source is not set",
+    ),
+    (
+        lambda r: r["detector"]["architectures"]["small"].update(blocks=[1, 1, 1]),
+        "params.yaml: detector.architectures.small.blocks: expected 4 items, got [1, 1, 1]",
+    ),
+    (
+        lambda r: r["regions"].update(min_boxes=36, max_boxes=10),
+        "params.yaml: regions: min_boxes (36) must not exceed max_boxes (10)",
+    ),
+    (
+        lambda r: r["regions"].update(source="precomp"),
+        "params.yaml: regions: source is 'precomp' but precomp_dir is not set",
+    ),
+    (
+        lambda r: r["regions"].update(precision="fp8"),
+        "params.yaml: regions.precision: 'fp8' is not one of 'fp32', 'fp16', 'bf16'",
+    ),
     (
         lambda r: r["datasets"].update({"Bad Name": r["datasets"]["synthetic"]}),
         "params.yaml: datasets: key 'Bad Name' must match",

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from itm.config import Params
-from tests.conftest import REPO, TINY_SYNTHETIC
+from tests.conftest import REPO, TINY_DETECTOR, TINY_SYNTHETIC
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
@@ -65,6 +65,9 @@ def tiny_repo(tmp_path: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"]["synthetic"] = {"kind": "synthetic", **TINY_SYNTHETIC}
     params["tokenize"]["min_count"] = 1
+    params["detector"]["architectures"]["small"] = {**TINY_DETECTOR, "blocks": [1, 1, 1, 1]}
+    params["detector"]["train"] |= {"epochs": 1, "max_images": 16, "batch_size": 8}
+    params["regions"] |= {"min_boxes": 3, "max_boxes": 10}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
@@ -75,7 +78,12 @@ def tiny_repo(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo: Path) -> None:
     first = _run(["dvc", "repro"], tiny_repo)
-    assert "Running stage 'download'" in first.stdout and "Running stage 'tokenize'" in first.stdout
+    for stage in ("download", "detector", "regions", "tokenize"):
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (tiny_repo / "models" / "detector" / "card.json").is_file()
+    assert (tiny_repo / "data" / "regions" / "test" / "features.npy").is_file()
+    metrics = _run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout
+    assert "test/gt_coverage_iou50" in metrics and "val/object_ap50" in metrics
     dataset_json = tiny_repo / "data" / "raw" / "synthetic" / "dataset.json"
     test_captions = tiny_repo / "data" / "captions" / "test.parquet"
     before = _md5(dataset_json), _md5(test_captions)

@@ -1,0 +1,1 @@
+"""Bottom-up region features: the BUTD Faster R-CNN, its weights, training, extraction and selection."""

@@ -1,0 +1,87 @@
+"""A detector on disk: `model.pt` (state dict, frozen batch norm) and `card.json` describing it.
+
+The card records the architecture, the class and attribute names (without background / "no attribute"), where the
+weights came from, the sha256 of `model.pt`, and validation figures; `load_detector` rebuilds the model from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from itm.atomic import staged_file
+from itm.config import DetectorArchitecture
+from itm.detect.model import BottomUpDetector, build_detector
+from itm.errors import UserError
+
+MODEL_FILE = "model.pt"
+CARD_FILE = "card.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_detector(
+    folder: Path,
+    model: BottomUpDetector,
+    architecture: DetectorArchitecture,
+    classes: list[str] | None,
+    attributes: list[str] | None,
+    *,
+    source: dict[str, Any],
+    validation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `model.pt` and `card.json` into `folder`; returns the card."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with staged_file(folder / MODEL_FILE) as tmp:
+        torch.save(model.state_dict(), tmp)
+    predictor = model.roi_heads.box_predictor
+    card = {
+        "architecture": architecture.model_dump(mode="json"),
+        "num_classes": predictor.cls_score.out_features,
+        "num_attributes": model.roi_heads.attribute_head.attr_score.out_features,
+        "feature_dim": architecture.feature_dim,
+        "classes": classes,
+        "attributes": attributes,
+        "source": source,
+        "sha256": sha256_of(folder / MODEL_FILE),
+        "validation": validation,
+    }
+    write_card(folder, card)
+    return card
+
+
+def write_card(folder: Path, card: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with staged_file(folder / CARD_FILE) as tmp:
+        tmp.write_text(json.dumps(card, indent=1))
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    path = folder / CARD_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run the detector stage first)")
+    return json.loads(path.read_text())
+
+
+def load_detector(folder: Path, device: torch.device) -> tuple[BottomUpDetector, dict[str, Any]]:
+    """The saved detector in eval mode on `device`, and its card; refuses weights whose sha256 differs."""
+    card = read_card(folder)
+    if card.get("source", {}).get("kind") == "none":
+        raise UserError(f"{folder}: no detector was built (detector.weights is 'none'); regions need one")
+    weights = folder / MODEL_FILE
+    if not weights.is_file() or sha256_of(weights) != card["sha256"]:
+        raise UserError(f"{weights}: missing or not the file its card describes (sha256 {card['sha256']})")
+    architecture = DetectorArchitecture.model_validate(card["architecture"])
+    model = build_detector(architecture, card["num_classes"], card["num_attributes"])
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.to(device).eval(), card

@@ -1,0 +1,58 @@
+"""DVC stage `detector`: train the bottom-up detector on synthetic boxes, or convert published BUTD weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from itm.cli import default_workers, run_stage
+from itm.config import PARAMS_FILE, load_params
+from itm.detect.stages import convert_published_detector, record_no_detector, train_synthetic_detector
+from itm.device import default_device
+from itm.tracking import start_run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--dataset", type=Path, required=True, help="data/raw/<name> (training data)")
+    parser.add_argument("--out", type=Path, required=True, help="detector folder to write (models/detector)")
+    parser.add_argument("--metrics", type=Path, required=True, help="validation figures (metrics/detector.json)")
+    parser.add_argument("--work", type=Path, default=Path("data/work/detector"), help="resumable checkpoints")
+    parser.add_argument("--cache", type=Path, default=Path("data/downloads"), help="where downloads are kept")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    settings = params.detector
+    with start_run("detector", params={"detector": settings.model_dump(mode="json")}) as tracker:
+        if settings.weights == "train":
+            card = train_synthetic_detector(
+                args.dataset,
+                args.out,
+                args.work,
+                settings.active_architecture,
+                settings.train,
+                tracker=tracker,
+                device=default_device(),
+                workers=args.workers,
+            )
+        elif settings.weights == "pretrained":
+            card = convert_published_detector(
+                settings.pretrained,
+                settings.active_architecture,
+                args.out,
+                cache_dir=args.cache,
+                download=params.download,
+            )
+        else:
+            card = record_no_detector(args.out)
+        tracker.log_dict(card, "card.json")
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(card.get("validation") or {}, indent=1))
+
+
+if __name__ == "__main__":
+    run_stage(main)
