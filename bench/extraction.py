@@ -33,7 +33,12 @@ from itm.detect.model import build_detector  # noqa: E402
 from itm.detect.selection import max_confidence_after_nms, reference_max_confidence  # noqa: E402
 
 CASES = {
-    "cpu": [("small", 256, 256, 1, "fp32"), ("small", 256, 256, 16, "fp32"), ("butd", 600, 1000, 1, "fp32")],
+    "cpu": [
+        ("small", 256, 256, 1, "fp32"),
+        ("small", 256, 256, 4, "fp32"),
+        ("small", 256, 256, 16, "fp32"),
+        ("butd", 600, 1000, 1, "fp32"),
+    ],
     "cuda": [
         ("small", 256, 256, 1, "fp32"),
         ("small", 256, 256, 64, "fp32"),

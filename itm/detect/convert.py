@@ -337,7 +337,7 @@ def _from_milvlg(tensors: dict[str, Tensor], weights: BoxWeights) -> dict[str, T
 
 
 def _rows(raw: dict[str, Tensor], name: str) -> int:
-    # A placeholder when the tensor is absent or scalar: the name/shape checks then report it.
+    # A stand-in count when the tensor is absent or scalar: the name/shape checks then report it.
     tensor = raw.get(name)
     return int(tensor.shape[0]) if tensor is not None and tensor.dim() > 0 else 2
 
