@@ -13,7 +13,13 @@ The architecture follows the Caffe Visual Genome model that SCAN, CVSE and their
   to the attributes ("no attribute" is attribute 0).
 
 The same builder makes the scaled-down variant that the synthetic pipeline trains: fewer blocks per stage,
-narrower stages, smaller images and anchors (all in `params.yaml: detector.architecture`).
+narrower stages, smaller images and anchors (all in `params.yaml: detector.architectures`).
+
+Known differences from the Caffe extractor, all inherited from torchvision's RPN and transform: box decoding uses
+width = x2 - x1 (Caffe adds one pixel); proposals are filtered at a minimum size of 1e-3 px after the top-k (Caffe
+drops boxes under 16 px at the input scale before it); images are resized with bilinear interpolation on the
+mean-subtracted tensor and zero-padded to a multiple of 32 when batched. They can move proposals at the margin,
+which changes which regions are selected, never how they are pooled.
 """
 
 from __future__ import annotations
