@@ -235,6 +235,94 @@ class TokenizeParams(Section):
     concepts: ConceptParams = ConceptParams()
 
 
+# --- matchers, training, evaluation --------------------------------------------------------------------------------
+
+
+class MatcherCommon(Section):
+    """What every matcher has: a joint embedding space, word embeddings and the hinge triplet loss."""
+
+    embed_dim: int = Field(1024, ge=1)  # joint space (VSE++, SCAN: 1024)
+    word_dim: int = Field(300, ge=1)  # word embeddings (300)
+    margin: float = Field(0.2, ge=0.0)  # hinge margin alpha (VSE++, SCAN: 0.2)
+    max_violation: bool = True  # hardest negative in the batch (VSE++); false sums over all negatives (VSE0)
+    epochs: int | None = Field(None, ge=1)  # this matcher's training length; null: train.epochs
+
+
+class VseppParams(MatcherCommon):
+    """VSE++ (Faghri et al., BMVC 2018): mean-pooled regions vs the GRU's last state, cosine similarity."""
+
+    kind: Literal["vsepp"]
+    bidirectional: bool = False  # VSE++ uses a unidirectional GRU
+
+
+# SCAN's Flickr30K settings per direction (Lee et al. ECCV 2018, Table 1 and kuanghuei/SCAN README; methods.md §2.2):
+# lambda_1 (attention inverse temperature) and lambda_2 (LogSumExp pooling). COCO's i-t LSE uses lambda_2 = 20.
+SCAN_LAMBDAS = {"t2i": {"lambda_softmax": 9.0, "lambda_lse": 6.0}, "i2t": {"lambda_softmax": 4.0, "lambda_lse": 5.0}}
+
+
+class ScanParams(MatcherCommon):
+    """SCAN (Lee et al., ECCV 2018): stacked cross attention. Defaults: the paper's Flickr30K t-i AVG model; a
+    lambda left out takes the paper's value for the block's direction (SCAN_LAMBDAS)."""
+
+    kind: Literal["scan"]
+    direction: Literal["t2i", "i2t"] = "t2i"  # t2i: words attend to regions; i2t: regions attend to words
+    pooling: Literal["avg", "lse"] = "avg"
+    lambda_softmax: float = Field(9.0, gt=0.0)  # lambda_1, attention inverse temperature (t-i 9, i-t 4)
+    lambda_lse: float = Field(6.0, gt=0.0)  # lambda_2 of LogSumExp pooling (t-i 6, i-t 5; COCO i-t 20)
+    bidirectional: bool = True  # bi-GRU, directions averaged
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lambdas_of_direction(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("direction") in SCAN_LAMBDAS:
+            data = SCAN_LAMBDAS[data["direction"]] | data
+        return data
+
+
+class UardaParams(MatcherCommon):
+    """UARDA (Zhang et al., IEEE TMM 2022): SCAN t-i with a learned word-region relevance threshold.
+
+    The paper's full text is not available; this follows its abstract and the estimator of NAAF (same authors,
+    CVPR 2022): the threshold sits where the alpha-weighted Gaussians of relevant (matched) and irrelevant
+    (unmatched) word-region similarities cross, updated by moving average during training.
+    """
+
+    kind: Literal["uarda"]
+    pooling: Literal["avg", "lse"] = "avg"
+    lambda_softmax: float = Field(9.0, gt=0.0)
+    lambda_lse: float = Field(6.0, gt=0.0)
+    bidirectional: bool = True
+    threshold_estimator: Literal["gaussian", "fixed"] = "gaussian"  # fixed: stays at threshold_init (SCAN's 0)
+    threshold_init: float = Field(0.0, ge=-1.0, le=1.0)
+    threshold_alpha: float = Field(2.0, gt=0.0)  # weight of the irrelevant Gaussian: larger raises t (NAAF: 2.0)
+    threshold_momentum: float = Field(0.7, ge=0.0, le=1.0)  # weight of the new estimate (NAAF: 0.7)
+    threshold_min_samples: int = Field(200, ge=2)  # words per side before an estimate (NAAF: 200)
+    skip_queries: bool = True  # at retrieval, skip words whose best region similarity is below the threshold
+
+
+MatcherParams = Annotated[VseppParams | ScanParams | UardaParams, Field(discriminator="kind")]
+
+
+class TrainParams(Section):
+    """One training protocol for every matcher (Adam, hinge loss), as the papers train per dataset."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=2)
+    learning_rate: float = Field(2.0e-4, gt=0.0)
+    schedule: Literal["step", "cosine"] = "step"
+    decay_epochs: int = Field(15, ge=1)  # step: learning rate x0.1 every decay_epochs (SCAN lr_update)
+    grad_clip: float = Field(2.0, gt=0.0)  # max gradient norm
+    amp: bool = True  # mixed precision on a GPU (the CPU always trains in fp32)
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    """Retrieval evaluation: the protocol follows the dataset; ensembles average similarity matrices."""
+
+    # name -> matchers whose similarity matrices are averaged (SCAN's t-i AVG + i-t LSE ensemble)
+    ensembles: dict[BlockName, tuple[BlockName, ...]] = Field(default_factory=dict)
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -244,6 +332,25 @@ class Params(Section):
     detector: DetectorParams = DetectorParams()
     regions: RegionParams = RegionParams()
     tokenize: TokenizeParams = TokenizeParams()
+    matchers: dict[BlockName, MatcherParams] = Field(default_factory=dict)
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _ensembles_name_matchers(self) -> Params:
+        for name, members in self.evaluate.ensembles.items():
+            if name in self.matchers:
+                raise ValueError(
+                    f"evaluate.ensembles.{name}: the name is taken by a matcher (both write metrics/{name}.json)"
+                )
+            unknown = [member for member in members if member not in self.matchers]
+            if unknown:
+                raise ValueError(
+                    f"evaluate.ensembles.{name}: {unknown[0]!r} is not a key of matchers ({_choices(self.matchers)})"
+                )
+            if len(members) < 2:
+                raise ValueError(f"evaluate.ensembles.{name}: an ensemble needs at least two matchers")
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -323,6 +430,8 @@ def _describe(detail: Any, root: type[BaseModel]) -> str:
         return f"{path}: expected {_EXPECTED[kind]}, got {value!r}"
     if kind == "string_pattern_mismatch":
         return f"{path}: {value!r} does not match the pattern {ctx['pattern']}"
+    if kind == "value_error" and not loc:  # a whole-file check names its own keys
+        return str(ctx.get("error", detail["msg"]))
     if kind == "value_error":
         return f"{path}: {ctx.get('error', detail['msg'])}"
     message = detail["msg"][0].lower() + detail["msg"][1:]

@@ -29,6 +29,8 @@ _EXPERIMENT_TEMP_DIR = Path(".dvc") / "tmp" / "exps"
 class Tracker(Protocol):
     """What library code may record about a run."""
 
+    run_id: str | None  # the MLflow run, when there is one
+
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
@@ -42,6 +44,7 @@ class NullTracker:
     """Keeps what it is given in memory and sends it nowhere; tests read it back."""
 
     def __init__(self) -> None:
+        self.run_id: str | None = None
         self.params: dict[str, Any] = {}
         self.metrics: list[tuple[dict[str, float], int | None]] = []
         self.artifacts: list[tuple[Path, str | None]] = []

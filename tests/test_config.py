@@ -93,8 +93,32 @@ MISTAKES = [
         "params.yaml: tokenize.concepts.stop_words: 'french' is not one of 'english', 'none'",
     ),
     (
-        lambda r: r.update(train=3),
-        "params.yaml: train: unknown key (allowed: datasets, dataset, download, detector, regions, tokenize)",
+        lambda r: r.update(trian=3),
+        "params.yaml: trian: unknown key (allowed: datasets, dataset, download, detector, regions, tokenize, matchers,",
+    ),
+    (
+        lambda r: r["matchers"]["scan_t2i_avg"].update(direction="t2"),
+        "params.yaml: matchers.scan_t2i_avg.direction: 't2' is not one of 't2i', 'i2t'",
+    ),
+    (
+        lambda r: r["matchers"]["vsepp"].update(kind="vse"),
+        "params.yaml: matchers.vsepp.kind: 'vse' is not one of 'vsepp', 'scan', 'uarda'",
+    ),
+    (
+        lambda r: r["matchers"]["vsepp"].update(direction="t2i"),
+        "params.yaml: matchers.vsepp.direction: unknown key (allowed: embed_dim, word_dim, margin,",
+    ),
+    (
+        lambda r: r["evaluate"]["ensembles"].update(pair=["scan_t2i_avg", "scan"]),
+        "params.yaml: evaluate.ensembles.pair: 'scan' is not a key of matchers (choices: 'vsepp', 'scan_t2i_avg',",
+    ),
+    (
+        lambda r: r["evaluate"]["ensembles"].update(vsepp=["scan_t2i_avg", "uarda"]),
+        "params.yaml: evaluate.ensembles.vsepp: the name is taken by a matcher (both write metrics/vsepp.json)",
+    ),
+    (
+        lambda r: r["train"].update(schedule="linear"),
+        "params.yaml: train.schedule: 'linear' is not one of 'step', 'cosine'",
     ),
     (
         lambda r: r["detector"].update(architecture="huge"),
@@ -182,3 +206,12 @@ def test_stage_reports_bad_params_in_one_line_and_exits_nonzero(tmp_path: Path) 
 
 def test_schema_and_committed_file_agree_on_sections() -> None:
     assert set(RAW) == set(Params.model_fields)
+
+
+def test_scan_lambdas_left_out_take_the_papers_values_for_the_direction() -> None:
+    raw = copy.deepcopy(RAW)
+    raw["matchers"]["i2t"] = {"kind": "scan", "direction": "i2t", "pooling": "lse"}
+    raw["matchers"]["t2i"] = {"kind": "scan", "direction": "t2i", "lambda_lse": 3.0}
+    matchers = parse_params(raw).matchers
+    assert (matchers["i2t"].lambda_softmax, matchers["i2t"].lambda_lse) == (4.0, 5.0)
+    assert (matchers["t2i"].lambda_softmax, matchers["t2i"].lambda_lse) == (9.0, 3.0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,8 @@ DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
 def test_every_stage_depends_on_its_own_script_and_the_schema() -> None:
-    for name, stage in DVC_YAML["stages"].items():
+    for name, definition in DVC_YAML["stages"].items():
+        stage = definition.get("do", definition)  # a foreach stage's template
         module = stage["cmd"].split()[2]  # python -m stages.<name> ...
         assert f"{module.replace('.', '/')}.py" in stage["deps"], name
         assert "itm/config.py" in stage["deps"], name
@@ -29,8 +32,8 @@ def test_every_stage_depends_on_its_own_script_and_the_schema() -> None:
 
 
 def test_every_tracked_param_is_in_the_schema() -> None:
-    for name, stage in DVC_YAML["stages"].items():
-        for key in stage.get("params", []):
+    for name, definition in DVC_YAML["stages"].items():
+        for key in definition.get("do", definition).get("params", []):
             top = key.split(".")[0]
             assert top in Params.model_fields, f"{name}: {key}"
 
@@ -68,6 +71,9 @@ def tiny_repo(tmp_path: Path) -> Path:
     params["detector"]["architectures"]["small"] = {**TINY_DETECTOR, "blocks": [1, 1, 1, 1]}
     params["detector"]["train"] |= {"epochs": 1, "max_images": 16, "batch_size": 8}
     params["regions"] |= {"min_boxes": 3, "max_boxes": 10}
+    for block in params["matchers"].values():
+        block |= {"embed_dim": 16, "word_dim": 8}
+    params["train"] |= {"epochs": 1, "batch_size": 32}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
@@ -78,12 +84,23 @@ def tiny_repo(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo: Path) -> None:
     first = _run(["dvc", "repro"], tiny_repo)
-    for stage in ("download", "detector", "regions", "tokenize"):
+    matchers = list(yaml.safe_load((tiny_repo / "params.yaml").read_text())["matchers"])
+    stages = [
+        "download",
+        "detector",
+        "regions",
+        "tokenize",
+        *(f"{s}@{m}" for s in ("train", "evaluate") for m in matchers),
+    ]
+    for stage in [*stages, "ensemble@scan_ensemble"]:
         assert f"Running stage '{stage}'" in first.stdout
     assert (tiny_repo / "models" / "detector" / "card.json").is_file()
     assert (tiny_repo / "data" / "regions" / "test" / "features.npy").is_file()
-    metrics = _run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout
-    assert "test/gt_coverage_iou50" in metrics and "val/object_ap50" in metrics
+    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
+    shown = json.dumps(metrics)
+    assert "test/gt_coverage_iou50" in shown and "val/object_ap50" in shown
+    for name in [*matchers, "scan_ensemble"]:
+        assert f"metrics/{name}.json" in shown and '"test/rsum"' in shown
     dataset_json = tiny_repo / "data" / "raw" / "synthetic" / "dataset.json"
     test_captions = tiny_repo / "data" / "captions" / "test.parquet"
     before = _md5(dataset_json), _md5(test_captions)
@@ -94,6 +111,10 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo:
 
     _run(["git", "add", "dvc.lock"], tiny_repo)
     _run(["git", "commit", "-qm", "lock"], tiny_repo)
+    one_matcher = _run(["dvc", "exp", "run", "-S", "matchers.scan_t2i_avg.lambda_softmax=4"], tiny_repo).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", one_matcher))
+    assert ran == {"train@scan_t2i_avg", "evaluate@scan_t2i_avg", "ensemble@scan_ensemble"}, ran
+
     experiment = _run(["dvc", "exp", "run", "-S", "datasets.synthetic.seed=7"], tiny_repo)
     assert "Running stage 'download'" in experiment.stdout
     assert (_md5(dataset_json), _md5(test_captions)) != before

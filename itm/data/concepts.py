@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import sparse
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
+
+if TYPE_CHECKING:  # scikit-learn takes seconds to import; only the tokenize stage needs it
+    from scipy import sparse
+    from sklearn.feature_extraction.text import CountVectorizer
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class Concepts:
 
 
 def _vectorizer(vocabulary: Sequence[str] | None = None) -> CountVectorizer:
+    from sklearn.feature_extraction.text import CountVectorizer
+
     # Captions arrive tokenized by itm.data.text.tokenize; the analyzer hands the tokens through unchanged.
     return CountVectorizer(analyzer=_identity, binary=True, vocabulary=vocabulary, dtype=np.int64)
 
@@ -44,6 +49,8 @@ def _is_content_word(word: str, stop_words: frozenset[str]) -> bool:
 
 def build_concepts(train_tokens: Sequence[Sequence[str]], top_k: int, stop_words: str) -> Concepts:
     """The `top_k` most frequent content words of the train captions (ties broken by spelling)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
     excluded = frozenset(ENGLISH_STOP_WORDS) if stop_words == "english" else frozenset()
     counts_vectorizer = _vectorizer()
     presence = counts_vectorizer.fit_transform(train_tokens)  # [captions, words], 1 where the caption has the word

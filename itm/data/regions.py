@@ -86,7 +86,8 @@ class StoreWriter:
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         shape = (self.total_boxes, self.feature_dim)
-        self._features = np.lib.format.open_memmap(self.folder / FEATURES_FILE, mode="w+", dtype=np.float16, shape=shape)
+        path = self.folder / FEATURES_FILE
+        self._features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
         self._rows: list[dict[str, Any]] = []
         self._failures: list[Failure] = []
         self._offset = 0
@@ -94,7 +95,8 @@ class StoreWriter:
     def add(self, regions: ImageRegions) -> None:
         n = len(regions)
         if regions.features.shape[1:] != (self.feature_dim,):
-            raise ValueError(f"image {regions.image_id}: features {regions.features.shape}, expected [n, {self.feature_dim}]")
+            expected = f"[n, {self.feature_dim}]"
+            raise ValueError(f"image {regions.image_id}: features {regions.features.shape}, expected {expected}")
         self._features[self._offset : self._offset + n] = regions.features
         self._rows.append(
             {

@@ -1,0 +1,1 @@
+"""Recall@K evaluation of matchers: metrics, dataset protocols, gallery scoring and ensembles."""

@@ -1,0 +1,121 @@
+"""Evaluating a trained matcher, or an ensemble of them, on the test split under the dataset's protocols."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from itm.atomic import staged_file
+from itm.data.captions import VOCAB_FILE
+from itm.data.loaders import read_captions, with_regions
+from itm.data.regions import RegionStore
+from itm.data.vocab import load_vocab
+from itm.errors import UserError
+from itm.evaluate.ensemble import average_scores
+from itm.evaluate.metrics import recall_metrics
+from itm.evaluate.protocols import evaluate_protocols, protocols_for
+from itm.evaluate.scoring import encode_captions, encode_images, retrieval_timing, score_matrix
+from itm.train.saved import load_matcher
+
+log = logging.getLogger(__name__)
+
+RECALL_CURVE_FILE = "recall_curve.json"
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """A test-split similarity matrix and the ids of its rows and columns."""
+
+    scores: torch.Tensor  # [n_images, n_captions] float32
+    image_ids: np.ndarray  # [n_images]
+    caption_ids: np.ndarray  # [n_captions]
+    caption_image: torch.Tensor  # [n_captions] row of each caption's image
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with staged_file(path) as tmp, tmp.open("wb") as stream:
+            np.savez(
+                stream,
+                scores=self.scores.numpy(),
+                image_ids=self.image_ids,
+                caption_ids=self.caption_ids,
+                caption_image=self.caption_image.numpy(),
+            )
+
+    @classmethod
+    def load(cls, path: Path) -> SplitScores:
+        if not path.is_file():
+            raise UserError(f"{path}: not found (run the evaluate stage of that matcher first)")
+        with np.load(path) as saved:
+            return cls(
+                torch.from_numpy(saved["scores"]),
+                saved["image_ids"],
+                saved["caption_ids"],
+                torch.from_numpy(saved["caption_image"]),
+            )
+
+
+def evaluate_matcher(
+    model_dir: Path,
+    regions_dir: Path,
+    captions_dir: Path,
+    dataset_kind: str,
+    *,
+    scores_path: Path,
+    device: torch.device,
+    batch_size: int,
+    amp: bool,
+) -> dict[str, float]:
+    """Score the whole test gallery, save the matrix, and return the protocol figures and retrieval times."""
+    vocab = load_vocab(captions_dir / VOCAB_FILE)
+    matcher, _ = load_matcher(model_dir, device, vocab_digest=vocab.digest())
+    store = RegionStore(regions_dir / "test")
+    captions = with_regions(read_captions(captions_dir, "test"), store, "test")
+    image_ids = list(dict.fromkeys(int(i) for i in captions.image_ids))
+    row = {image_id: index for index, image_id in enumerate(image_ids)}
+    images = encode_images(matcher, store, image_ids, batch_size=batch_size, device=device)
+    texts = encode_captions(matcher, captions.token_ids, batch_size=batch_size, device=device)
+    scored = score_matrix(matcher, images, texts, image_chunk=256, caption_chunk=1024, device=device, amp=amp)
+    caption_image = torch.tensor([row[int(i)] for i in captions.image_ids])
+    test = SplitScores(scored.matrix, np.array(image_ids), captions.caption_ids, caption_image)
+    test.save(scores_path)
+    figures = figures_for(test, dataset_kind)
+    figures |= {f"test/{key}": value for key, value in retrieval_timing(scored, len(captions.token_ids)).items()}
+    return figures
+
+
+def evaluate_ensemble(member_scores: list[Path], dataset_kind: str) -> dict[str, float]:
+    """Protocol figures of the average of the members' test similarity matrices (same gallery required)."""
+    members = [SplitScores.load(path) for path in member_scores]
+    first = members[0]
+    for path, other in zip(member_scores[1:], members[1:], strict=True):
+        if not (
+            np.array_equal(other.image_ids, first.image_ids) and np.array_equal(other.caption_ids, first.caption_ids)
+        ):
+            raise UserError(f"{path}: scored another test gallery than {member_scores[0]}; re-run its evaluation")
+    averaged = average_scores([member.scores for member in members])
+    return figures_for(SplitScores(averaged, first.image_ids, first.caption_ids, first.caption_image), dataset_kind)
+
+
+def figures_for(test: SplitScores, dataset_kind: str) -> dict[str, float]:
+    protocols = protocols_for(dataset_kind, len(test.image_ids))
+    figures = evaluate_protocols(test.scores, test.caption_image, protocols)
+    figures |= {"test/images": float(len(test.image_ids)), "test/captions": float(len(test.caption_ids))}
+    return figures
+
+
+def recall_curve(test: SplitScores, ks: tuple[int, ...] = tuple(range(1, 21))) -> list[dict[str, float]]:
+    """Recall@K for K = 1..20 in both directions, over the whole test split (a DVC plot)."""
+    figures = recall_metrics(test.scores, test.caption_image, ks=ks)
+    return [{"k": k, "i2t": figures[f"i2t_r{k}"], "t2i": figures[f"t2i_r{k}"]} for k in ks]
+
+
+def write_json(path: Path, document: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=1))

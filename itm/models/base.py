@@ -1,0 +1,96 @@
+"""The matcher contract: a matcher is composed from an image encoder, a text encoder, a scorer and a loss.
+
+Every variant (VSE++, SCAN, UARDA, ...) is a builder that picks these four parts; the training loop and the
+evaluator only ever see `Matcher`. Shapes: B images or captions in a batch, R regions, L words, D region feature
+size, E joint embedding size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Regions:
+    """A batch of images as bottom-up region features (padded to the batch's largest region count)."""
+
+    features: Tensor  # [B, R, D]
+    mask: Tensor  # [B, R] bool, True for real regions
+
+    def to(self, device: torch.device) -> Regions:
+        return Regions(self.features.to(device, non_blocking=True), self.mask.to(device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class Captions:
+    """A batch of token-id sequences (padded with id 0, framed by <start> and <end>)."""
+
+    tokens: Tensor  # [B, L] int64
+    lengths: Tensor  # [B] int64, true lengths
+
+    @property
+    def mask(self) -> Tensor:
+        """[B, L] bool, True for real tokens."""
+        positions = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+        return positions[None, :] < self.lengths[:, None]
+
+    def to(self, device: torch.device) -> Captions:
+        return Captions(self.tokens.to(device, non_blocking=True), self.lengths.to(device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One modality in the joint space: its fragments (regions or words) and, where a matcher has one, a global
+    vector. Scorers read what they need; `extras` carries variant-specific tensors (e.g. concept scores)."""
+
+    local: Tensor  # [B, N, E] fragments
+    mask: Tensor  # [B, N] bool
+    pooled: Tensor | None = None  # [B, E]
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.local.shape[0])
+
+    def slice(self, start: int, stop: int) -> Encoded:
+        """Items start..stop-1 (for scoring a gallery in chunks)."""
+        return Encoded(
+            self.local[start:stop],
+            self.mask[start:stop],
+            None if self.pooled is None else self.pooled[start:stop],
+            {key: value[start:stop] for key, value in self.extras.items()},
+        )
+
+
+class Matcher(nn.Module):
+    """Image-text matcher assembled from its parts.
+
+    - `image_encoder(Regions) -> Encoded` and `text_encoder(Captions) -> Encoded` embed each side independently,
+      so a gallery is encoded once;
+    - `scorer(images: Encoded, captions: Encoded) -> [n_images, n_captions]` scores every pair (higher = better);
+      in training mode it may assume the batch is aligned (image i matches caption i), e.g. to update statistics;
+    - `loss(scores [B, B]) -> {"loss": total, ...named terms}` with the matches on the diagonal.
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, scorer: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.scorer = scorer
+        self.loss = loss
+
+    def encode_image(self, regions: Regions) -> Encoded:
+        return self.image_encoder(regions)
+
+    def encode_text(self, captions: Captions) -> Encoded:
+        return self.text_encoder(captions)
+
+    def score(self, images: Encoded, captions: Encoded) -> Tensor:
+        """[n_images, n_captions] similarity of every image with every caption."""
+        return self.scorer(images, captions)
+
+    def forward(self, regions: Regions, captions: Captions) -> dict[str, Tensor]:
+        """Training step on an aligned batch: the named loss terms, total under "loss"."""
+        return self.loss(self.score(self.encode_image(regions), self.encode_text(captions)))

@@ -1,0 +1,1 @@
+"""Training matchers: the shared loop, checkpoints and the saved model files."""

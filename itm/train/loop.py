@@ -1,0 +1,179 @@
+"""The training loop every matcher shares: Adam, step or cosine decay, gradient clipping, AMP on a GPU.
+
+After every epoch the loop validates (the caller's function returns validation figures with "rsum"), keeps the best
+weights by validation rSum (SCAN's model selection), and writes a checkpoint atomically. A run that finds a
+checkpoint of the same run id resumes after its last finished epoch and ends exactly where an uninterrupted run
+would (same weights, same best epoch) on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from itm.atomic import staged_file
+from itm.config import TrainParams
+from itm.errors import UserError
+from itm.models.base import Captions, Matcher, Regions
+from itm.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+Batches = Callable[[int], Iterable[tuple[Regions, Captions]]]  # epoch -> the epoch's batches
+Validate = Callable[[Matcher], dict[str, float]]
+
+
+@dataclass
+class FitResult:
+    """The best weights by validation rSum, and what happened per epoch."""
+
+    best_state: dict[str, Tensor]
+    best_epoch: int  # 1-based
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def learning_rate(settings: TrainParams, epoch: int) -> float:
+    """Learning rate of a 0-based epoch: x0.1 every `decay_epochs` (SCAN `adjust_learning_rate`) or cosine."""
+    if settings.schedule == "step":
+        return settings.learning_rate * 0.1 ** (epoch // settings.decay_epochs)
+    return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * epoch / settings.epochs))
+
+
+def fit(
+    matcher: Matcher,
+    batches: Batches,
+    validate: Validate,
+    settings: TrainParams,
+    *,
+    work_dir: Path,
+    run_id: str,
+    tracker: Tracker,
+    device: torch.device,
+    label: str,
+) -> FitResult:
+    """Train `matcher` (already on `device`) for `settings.epochs`, resuming from `work_dir` when possible."""
+    optimizer = torch.optim.Adam(matcher.parameters(), lr=settings.learning_rate)
+    amp = settings.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    state = _resume(work_dir / CHECKPOINT, run_id, matcher, optimizer, scaler)
+    result = state or FitResult(copy.deepcopy(matcher.state_dict()), 0, {"rsum": -math.inf})
+    for epoch in range(len(result.history), settings.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings, epoch)
+        train_figures = _train_one_epoch(
+            matcher, batches(epoch), optimizer, scaler, settings, device, amp, epoch, label
+        )
+        matcher.eval()
+        val_figures = validate(matcher)
+        figures = train_figures | {f"val/{key}": value for key, value in val_figures.items()}
+        result.history.append(figures)
+        tracker.log_metrics(figures, step=epoch + 1)
+        if val_figures["rsum"] > result.best_metrics["rsum"]:
+            result.best_state = copy.deepcopy(matcher.state_dict())
+            result.best_epoch, result.best_metrics = epoch + 1, val_figures
+        log.info("%s epoch %d/%d: val rsum %.2f (best %.2f at epoch %d)", label, epoch + 1, settings.epochs,
+                 val_figures["rsum"], result.best_metrics["rsum"], result.best_epoch)  # fmt: skip
+        _save(work_dir / CHECKPOINT, run_id, matcher, optimizer, scaler, result)
+    return result
+
+
+def _train_one_epoch(
+    matcher: Matcher,
+    batches: Iterable[tuple[Regions, Captions]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    settings: TrainParams,
+    device: torch.device,
+    amp: bool,
+    epoch: int,
+    label: str,
+) -> dict[str, float]:
+    matcher.train()
+    sums: dict[str, float] = defaultdict(float)
+    seen, started = 0, time.perf_counter()
+    bar = tqdm(batches, desc=f"{label} epoch {epoch + 1}/{settings.epochs}", unit="batch", mininterval=5)
+    for iteration, (regions, captions) in enumerate(bar):
+        regions, captions = regions.to(device), captions.to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            losses = matcher(regions, captions)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            last = f"{sums['loss'] / seen:.4g}" if seen else "none"
+            raise UserError(
+                f"{label}: the loss became {loss.item()} in epoch {epoch + 1}, batch {iteration + 1} (mean so far "
+                f"{last}); lower train.learning_rate or train.grad_clip"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(matcher.parameters(), settings.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        batch = len(captions.lengths)
+        for key, value in losses.items():
+            sums[key] += float(value.detach()) * batch
+        seen += batch
+        rate = seen / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", captions_per_s=f"{rate:.0f}", refresh=False)
+    elapsed = time.perf_counter() - started
+    figures = {f"train/{key}": value / seen for key, value in sums.items()}
+    figures |= {"train/captions_per_second": seen / elapsed, "train/learning_rate": optimizer.param_groups[0]["lr"]}
+    return figures
+
+
+def _save(
+    path: Path,
+    run_id: str,
+    matcher: Matcher,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    result: FitResult,
+) -> None:
+    state: dict[str, Any] = {
+        "run_id": run_id,
+        "model": matcher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "best_state": result.best_state,
+        "best_epoch": result.best_epoch,
+        "best_metrics": result.best_metrics,
+        "history": result.history,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _resume(
+    path: Path, run_id: str, matcher: Matcher, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> FitResult | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("run_id") != run_id:
+        log.info("%s belongs to another training run; starting afresh", path)
+        return None
+    matcher.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log.info("resuming after epoch %d from %s", len(state["history"]), path)
+    return FitResult(state["best_state"], state["best_epoch"], state["best_metrics"], state["history"])

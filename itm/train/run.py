@@ -1,0 +1,141 @@
+"""Training one matcher of `params.yaml` end to end: data, model, loop, validation, saved model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from itm.atomic import staged_dir
+from itm.config import MatcherParams, TrainParams
+from itm.data.captions import VOCAB_FILE, captions_file
+from itm.data.loaders import CaptionRegionPairs, CaptionTable, collate_pairs, read_captions, with_regions
+from itm.data.regions import REGIONS_FILE, RegionStore
+from itm.data.vocab import load_vocab
+from itm.evaluate.metrics import recall_metrics
+from itm.evaluate.scoring import encode_captions, encode_images, score_matrix
+from itm.models import Matcher, build_matcher
+from itm.tracking import Tracker, git_revision
+from itm.train.loop import CHECKPOINT, fit
+from itm.train.saved import save_matcher
+
+log = logging.getLogger(__name__)
+
+# Validation uses at most this many images (SCAN cuts its dev split to 1,000 images / 5,000 captions).
+VALIDATION_IMAGES = 1000
+
+
+def _digest(*paths: Path) -> str:
+    sha = hashlib.sha256()
+    for path in paths:
+        sha.update(path.read_bytes())
+    return sha.hexdigest()[:16]
+
+
+def first_images(captions: CaptionTable, n_images: int) -> CaptionTable:
+    """The captions of the first `n_images` distinct images, in file order."""
+    _, first_seen = np.unique(captions.image_ids, return_index=True)
+    kept_images = set(captions.image_ids[np.sort(first_seen)][:n_images].tolist())
+    keep = np.array([int(i) in kept_images for i in captions.image_ids], dtype=bool)
+    tokens = [t for t, k in zip(captions.token_ids, keep, strict=True) if k]
+    return CaptionTable(captions.caption_ids[keep], captions.image_ids[keep], tokens)
+
+
+def retrieval_figures(
+    matcher: Matcher, store: RegionStore, captions: CaptionTable, *, device: torch.device, batch_size: int
+) -> dict[str, float]:
+    """Recall@K and rSum of `matcher` on the images of `captions` (every caption a query, every image one too)."""
+    image_ids = list(dict.fromkeys(int(i) for i in captions.image_ids))
+    row = {image_id: index for index, image_id in enumerate(image_ids)}
+    images = encode_images(matcher, store, image_ids, batch_size=batch_size, device=device)
+    texts = encode_captions(matcher, captions.token_ids, batch_size=batch_size, device=device)
+    scored = score_matrix(matcher, images, texts, image_chunk=256, caption_chunk=1024, device=device, amp=False)
+    caption_image = torch.tensor([row[int(i)] for i in captions.image_ids])
+    return recall_metrics(scored.matrix, caption_image)
+
+
+def resolved_settings(params: MatcherParams, settings: TrainParams) -> TrainParams:
+    """The training settings of one matcher: the shared ones with the matcher's `epochs` when it has its own."""
+    return settings if params.epochs is None else settings.model_copy(update={"epochs": params.epochs})
+
+
+def train_matcher(
+    name: str,
+    params: MatcherParams,
+    settings: TrainParams,
+    *,
+    regions_dir: Path,
+    captions_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    tracker: Tracker,
+    device: torch.device,
+    workers: int,
+) -> dict[str, Any]:
+    """Train matcher `name` on the train split, select it on val rSum, and save it to `out_dir` with its card.
+
+    `settings` are the shared `train:` params; the matcher's own `epochs`, when set, replaces `settings.epochs`.
+    """
+    settings = resolved_settings(params, settings)
+    vocab = load_vocab(captions_dir / VOCAB_FILE)
+    train_store, val_store = RegionStore(regions_dir / "train"), RegionStore(regions_dir / "val")
+    train_captions = with_regions(read_captions(captions_dir, "train"), train_store, "train")
+    val_captions = first_images(with_regions(read_captions(captions_dir, "val"), val_store, "val"), VALIDATION_IMAGES)
+
+    torch.manual_seed(settings.seed)
+    matcher = build_matcher(params, feature_dim=train_store.feature_dim, vocab_size=len(vocab)).to(device)
+    pairs = CaptionRegionPairs(train_captions, train_store)
+
+    def batches(epoch: int) -> DataLoader:
+        # A fixed shuffle per (seed, epoch), so a resumed run sees the same batches; a last partial batch is
+        # dropped because the hinge loss of a batch needs negatives.
+        return DataLoader(
+            pairs,
+            batch_size=settings.batch_size,
+            shuffle=True,
+            drop_last=len(pairs) > settings.batch_size,
+            generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch),
+            collate_fn=collate_pairs,
+            num_workers=workers,
+        )
+
+    def validate(model: Matcher) -> dict[str, float]:
+        return retrieval_figures(model, val_store, val_captions, device=device, batch_size=settings.batch_size)
+
+    identity = {"name": name, "params": params.model_dump(mode="json"), "train": settings.model_dump(mode="json")}
+    data = _digest(captions_file(captions_dir, "train"), regions_dir / "train" / REGIONS_FILE) + vocab.digest()
+    run_id = hashlib.sha256((json.dumps(identity, sort_keys=True) + data).encode()).hexdigest()[:16]
+    result = fit(
+        matcher, batches, validate, settings, work_dir=work_dir, run_id=run_id, tracker=tracker, device=device,
+        label=name,
+    )  # fmt: skip
+
+    card = {
+        "name": name,
+        "kind": params.kind,
+        "params": params.model_dump(mode="json"),
+        "train": settings.model_dump(mode="json"),
+        "feature_dim": train_store.feature_dim,
+        "vocab_size": len(vocab),
+        "vocab_digest": vocab.digest(),
+        "regions": train_store.info,
+        "git_revision": git_revision(),
+        "best_epoch": result.best_epoch,
+        "val": result.best_metrics,
+        "mlflow_run_id": tracker.run_id,
+    }
+    with staged_dir(out_dir) as staging:
+        save_matcher(staging, {k: v.cpu() if torch.is_tensor(v) else v for k, v in result.best_state.items()}, card)
+    tracker.log_metrics({f"best/val_{key}": value for key, value in result.best_metrics.items()})
+    tracker.log_dict({"matcher": card["params"], "train": card["train"]}, "config.json")  # the resolved config
+    tracker.log_artifact(out_dir / "model.pt")
+    tracker.log_artifact(out_dir / "card.json")
+    (work_dir / CHECKPOINT).unlink(missing_ok=True)
+    log.info("%s: best val rsum %.2f at epoch %d", name, result.best_metrics["rsum"], result.best_epoch)
+    return card

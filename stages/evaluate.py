@@ -1,0 +1,49 @@
+"""DVC stage `evaluate@<matcher>`: recall@K and rSum under the dataset's protocols, and retrieval time."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from itm.cli import run_stage
+from itm.config import PARAMS_FILE, load_params
+from itm.device import default_device
+from itm.evaluate.run import RECALL_CURVE_FILE, SplitScores, evaluate_matcher, recall_curve, write_json
+from itm.tracking import start_run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--matcher", required=True, help="a key of `matchers` in params.yaml")
+    parser.add_argument("--model", type=Path, required=True, help="models/<matcher>")
+    parser.add_argument("--regions", type=Path, required=True, help="data/regions")
+    parser.add_argument("--captions", type=Path, required=True, help="data/captions")
+    parser.add_argument("--scores", type=Path, required=True, help="test similarity matrix to write (.npz)")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics/<matcher>.json")
+    parser.add_argument("--plots", type=Path, required=True, help="plots/<matcher>")
+    parser.add_argument("--batch-size", type=int, default=128, help="images or captions encoded at once")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset}
+    with start_run(f"evaluate@{args.matcher}", params={"matcher": args.matcher}, tags=tags) as tracker:
+        figures = evaluate_matcher(
+            args.model,
+            args.regions,
+            args.captions,
+            params.active_dataset.kind,
+            scores_path=args.scores,
+            device=default_device(),
+            batch_size=args.batch_size,
+            amp=params.train.amp,
+        )
+        tracker.log_metrics(figures)
+        write_json(args.metrics, figures)
+        write_json(args.plots / RECALL_CURVE_FILE, recall_curve(SplitScores.load(args.scores)))
+        tracker.log_artifact(args.metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)

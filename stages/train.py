@@ -1,0 +1,51 @@
+"""DVC stage `train@<matcher>`: train one matcher of params.yaml on the train split, selected on val rSum."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from itm.cli import default_workers, run_stage
+from itm.config import PARAMS_FILE, load_params
+from itm.device import default_device
+from itm.errors import UserError
+from itm.tracking import start_run
+from itm.train.run import resolved_settings, train_matcher
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--matcher", required=True, help="a key of `matchers` in params.yaml")
+    parser.add_argument("--regions", type=Path, required=True, help="data/regions")
+    parser.add_argument("--captions", type=Path, required=True, help="data/captions")
+    parser.add_argument("--out", type=Path, required=True, help="models/<matcher>")
+    parser.add_argument("--work", type=Path, required=True, help="resumable checkpoint folder")
+    parser.add_argument("--workers", type=int, default=min(2, default_workers()), help="batch loading processes")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    if args.matcher not in params.matchers:
+        raise UserError(f"--matcher {args.matcher!r} is not a key of matchers ({', '.join(params.matchers)})")
+    matcher = params.matchers[args.matcher]
+    logged = {"matcher": args.matcher, "matchers": {args.matcher: matcher.model_dump(mode="json")}}
+    logged |= {"train": resolved_settings(matcher, params.train).model_dump(mode="json"), "dataset": params.dataset}
+    tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset}
+    with start_run(f"train@{args.matcher}", params=logged, tags=tags) as tracker:
+        train_matcher(
+            args.matcher,
+            matcher,
+            params.train,
+            regions_dir=args.regions,
+            captions_dir=args.captions,
+            out_dir=args.out,
+            work_dir=args.work,
+            tracker=tracker,
+            device=default_device(),
+            workers=args.workers,
+        )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,201 @@
+"""The `train@`, `evaluate@` and `ensemble@` stages on a tiny synthetic profile, as DVC calls them.
+
+Region features here are an oracle (one region per ground-truth object: its shape, colour and size one-hot plus its
+box), so the stages are exercised without training a detector, and a matcher can actually learn to retrieve.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from itm.data.records import read_dataset_json
+from itm.data.regions import ImageRegions, write_store
+from itm.evaluate.metrics import recall_metrics
+from itm.evaluate.run import SplitScores
+from itm.train import loop
+from itm.train.loop import CHECKPOINT
+from itm.train.saved import load_matcher
+from stages import ensemble, evaluate, tokenize, train
+from tests.conftest import REPO, TINY_SYNTHETIC
+
+TINY_MATCHER = {"embed_dim": 32, "word_dim": 16}
+
+
+def _oracle_features(objects: dict, image_size: int, classes: list[str], attributes: list[str]) -> np.ndarray:
+    """[max_objects, D]: per object its class one-hot, attribute multi-hot and box (x1, y1, x2, y2) / image size;
+    the rows after the image's objects are background regions (last feature 1), so every image has the same count,
+    as SCAN's 36 regions."""
+    n = len(objects["class"])
+    features = np.zeros((TINY_SYNTHETIC["max_objects"], len(classes) + len(attributes) + 5), dtype=np.float32)
+    for row in range(n):
+        features[row, classes.index(objects["class"][row])] = 1.0
+        for attribute in objects["attributes"][row]:
+            features[row, len(classes) + attributes.index(attribute)] = 1.0
+        box = [objects[key][row] for key in ("x1", "y1", "x2", "y2")]
+        features[row, -5:-1] = np.asarray(box) / image_size
+    features[n:, -1] = 1.0
+    return features
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: Path) -> Path:
+    """A folder with params.yaml (tiny matchers), data/captions and oracle data/regions (one region per object)."""
+    root = tmp_path_factory.mktemp("matchers")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["datasets"]["synthetic"] = {"kind": "synthetic", **copy.deepcopy(TINY_SYNTHETIC)}
+    raw["tokenize"]["min_count"] = 1
+    for block in raw["matchers"].values():
+        block |= TINY_MATCHER | {"epochs": None}
+    raw["train"] |= {"epochs": 2, "batch_size": 32, "learning_rate": 1.0e-3}
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+
+    tokenize.main(["--params", str(params), "--dataset-json", str(tiny_synthetic / "dataset.json"),
+                   "--out", str(root / "data" / "captions")])  # fmt: skip
+    objects = pq.read_table(tiny_synthetic / "objects.parquet").to_pandas()
+    classes = sorted(set(objects["class"]))
+    attributes = sorted({a for row in objects["attributes"] for a in row})
+    records = read_dataset_json(tiny_synthetic / "dataset.json")
+    for split in ("train", "val", "test"):
+        images = []
+        for record in (r for r in records if r.split == split):
+            mine = objects[objects["image_id"] == record.imgid].to_dict("list")
+            features = _oracle_features(mine, TINY_SYNTHETIC["image_size"], classes, attributes)
+            n = len(features)
+            images.append(
+                ImageRegions(
+                    image_id=record.imgid,
+                    width=TINY_SYNTHETIC["image_size"],
+                    height=TINY_SYNTHETIC["image_size"],
+                    features=features.astype(np.float16),
+                    boxes=np.full((n, 4), np.nan, dtype=np.float32),
+                    object_ids=np.full(n, -1, dtype=np.int16),
+                    object_confidence=np.full(n, np.nan, dtype=np.float32),
+                    attribute_ids=np.full(n, -1, dtype=np.int16),
+                    attribute_confidence=np.full(n, np.nan, dtype=np.float32),
+                )
+            )
+        write_store(root / "data" / "regions" / split, images, [], images[0].features.shape[1], {"source": "oracle"})
+    return root
+
+
+def _train(root: Path, name: str, *extra: str) -> None:
+    train.main(["--params", str(root / "params.yaml"), "--matcher", name, "--regions", str(root / "data/regions"),
+                "--captions", str(root / "data/captions"), "--out", str(root / "models" / name),
+                "--work", str(root / "work" / name), "--workers", "0", *extra])  # fmt: skip
+
+
+def _evaluate(root: Path, name: str) -> dict[str, float]:
+    evaluate.main(["--params", str(root / "params.yaml"), "--matcher", name, "--model", str(root / "models" / name),
+                   "--regions", str(root / "data/regions"), "--captions", str(root / "data/captions"),
+                   "--scores", str(root / "scores" / f"{name}.npz"),
+                   "--metrics", str(root / "metrics" / f"{name}.json"),
+                   "--plots", str(root / "plots" / name)])  # fmt: skip
+    return json.loads((root / "metrics" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["vsepp", "scan_t2i_avg", "scan_i2t_lse", "uarda"])
+def test_train_then_evaluate_each_default_matcher(prepared: Path, name: str) -> None:
+    _train(prepared, name)
+    model_dir = prepared / "models" / name
+    card = json.loads((model_dir / "card.json").read_text())
+    assert card["name"] == name and card["kind"] == name.split("_")[0]
+    assert 1 <= card["best_epoch"] <= 2 and card["val"]["rsum"] > 0
+    assert not (prepared / "work" / name / CHECKPOINT).exists()  # removed once the model is saved
+    matcher, _ = load_matcher(model_dir, torch.device("cpu"))
+    assert not matcher.training
+
+    figures = _evaluate(prepared, name)
+    n_images = TINY_SYNTHETIC["splits"]["test"]
+    assert figures["test/images"] == n_images and figures["test/captions"] == 5 * n_images
+    assert figures["test/seconds_per_query"] > 0
+    assert {f"test/{side}_{key}" for side in ("i2t", "t2i") for key in ("r1", "r5", "r10", "medr")} <= set(figures)
+    curve = json.loads((prepared / "plots" / name / "recall_curve.json").read_text())
+    assert [point["k"] for point in curve] == list(range(1, 21))
+    assert curve[0]["t2i"] == figures["test/t2i_r1"] and curve[9]["i2t"] == figures["test/i2t_r10"]
+    scores = SplitScores.load(prepared / "scores" / f"{name}.npz")
+    assert scores.scores.shape == (n_images, 5 * n_images)
+    recomputed = recall_metrics(scores.scores, scores.caption_image)
+    assert {key: figures[f"test/{key}"] for key in recomputed} == pytest.approx(recomputed)
+    assert torch.isfinite(scores.scores).all()
+
+
+def test_ensemble_of_the_two_scan_directions(prepared: Path) -> None:
+    for name in ("scan_t2i_avg", "scan_i2t_lse"):
+        if not (prepared / "scores" / f"{name}.npz").is_file():
+            _train(prepared, name)
+            _evaluate(prepared, name)
+    ensemble.main(["--params", str(prepared / "params.yaml"), "--name", "scan_ensemble",
+                   "--scores", str(prepared / "scores"),
+                   "--metrics", str(prepared / "metrics" / "ens.json")])  # fmt: skip
+    figures = json.loads((prepared / "metrics" / "ens.json").read_text())
+    members = [SplitScores.load(prepared / "scores" / f"{name}.npz") for name in ("scan_t2i_avg", "scan_i2t_lse")]
+    expected = recall_metrics((members[0].scores + members[1].scores) / 2, members[0].caption_image)
+    assert figures["test/rsum"] == pytest.approx(expected["rsum"])
+
+
+def test_an_interrupted_training_resumes_to_the_same_model(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop `train@vsepp` after its second epoch's checkpoint, run it again: same weights as one whole run."""
+    whole = prepared / "models" / "vsepp_whole"
+    _train(prepared, "vsepp", "--out", str(whole), "--work", str(prepared / "work" / "whole"))
+
+    saved = loop._save
+    calls = []
+
+    def save_then_stop(*args: object, **kwargs: object) -> None:
+        saved(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save", save_then_stop)
+    resumed = prepared / "models" / "vsepp_resumed"
+    work = prepared / "work" / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _train(prepared, "vsepp", "--out", str(resumed), "--work", str(work))
+    assert (work / CHECKPOINT).is_file() and not resumed.exists()
+    monkeypatch.setattr(loop, "_save", saved)
+    _train(prepared, "vsepp", "--out", str(resumed), "--work", str(work))
+
+    first = torch.load(whole / "model.pt", weights_only=True)
+    second = torch.load(resumed / "model.pt", weights_only=True)
+    assert first["card"]["best_epoch"] == second["card"]["best_epoch"]
+    assert first["card"]["val"] == second["card"]["val"]
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "stages.train", "--matcher", "nope", "--regions", "r", "--captions", "c", "--out", "o", "--work", "w"],
+         "--matcher 'nope' is not a key of matchers"),
+        (["-m", "stages.ensemble", "--name", "nope", "--scores", "s", "--metrics", "m.json"],
+         "--name 'nope' is not a key of evaluate.ensembles"),
+        (["-m", "stages.evaluate", "--matcher", "vsepp", "--model", "missing", "--regions", "r", "--captions",
+          "missing", "--scores", "s.npz", "--metrics", "m.json", "--plots", "p"],
+         "vocabulary not found (run the tokenize stage first)"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, *args, "--params", str(REPO / "params.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"ITM_TRACKING": "off", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,132 @@
+"""The shared training loop: best-by-rSum selection, an interrupted run resumes to the same result, NaN stops it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from itm.config import TrainParams
+from itm.errors import UserError
+from itm.models.base import Captions, Encoded, Matcher, Regions
+from itm.tracking import NullTracker
+from itm.train import loop
+from itm.train.loop import fit, learning_rate
+
+
+class _MeanImage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.project = nn.Linear(6, 8)
+
+    def forward(self, regions: Regions) -> Encoded:
+        mean = (regions.features.float() * regions.mask[..., None]).sum(1) / regions.mask.sum(1, keepdim=True)
+        pooled = F.normalize(self.project(mean), dim=-1)
+        return Encoded(pooled[:, None], torch.ones(len(pooled), 1, dtype=torch.bool), pooled)
+
+
+class _BagText(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(20, 8, mode="mean")
+
+    def forward(self, captions: Captions) -> Encoded:
+        pooled = F.normalize(self.embed(captions.tokens), dim=-1)
+        return Encoded(pooled[:, None], torch.ones(len(pooled), 1, dtype=torch.bool), pooled)
+
+
+class _Cosine(nn.Module):
+    def forward(self, images: Encoded, captions: Encoded) -> Tensor:
+        return images.pooled @ captions.pooled.T
+
+
+class _Hinge(nn.Module):
+    def forward(self, scores: Tensor) -> dict[str, Tensor]:
+        positives = scores.diag()
+        cost = (0.2 + scores - positives[None, :]).clamp(min=0) + (0.2 + scores - positives[:, None]).clamp(min=0)
+        loss = cost.masked_fill(torch.eye(len(scores), dtype=torch.bool), 0).sum()
+        return {"loss": loss}
+
+
+def _matcher() -> Matcher:
+    torch.manual_seed(0)
+    return Matcher(_MeanImage(), _BagText(), _Cosine(), _Hinge())
+
+
+def _batches(epoch: int) -> list[tuple[Regions, Captions]]:
+    generator = torch.Generator().manual_seed(epoch)
+    out = []
+    for _ in range(3):
+        features = torch.randn(4, 5, 6, generator=generator).half()
+        mask = torch.ones(4, 5, dtype=torch.bool)
+        tokens = torch.randint(1, 20, (4, 7), generator=generator)
+        out.append((Regions(features, mask), Captions(tokens, torch.full((4,), 7))))
+    return out
+
+
+SETTINGS = TrainParams(epochs=4, batch_size=4, learning_rate=1.0e-2, decay_epochs=2)
+
+
+def _validate(matcher: Matcher) -> dict[str, float]:
+    # A stand-in figure that changes with the weights, so best-epoch selection has something to pick.
+    return {"rsum": float(matcher.image_encoder.project.weight.detach().sum())}
+
+
+def _fit(matcher: Matcher, work: Path, tracker: NullTracker) -> loop.FitResult:
+    return fit(
+        matcher, _batches, _validate, SETTINGS, work_dir=work, run_id="r1", tracker=tracker,
+        device=torch.device("cpu"), label="toy",
+    )  # fmt: skip
+
+
+def test_selects_the_best_epoch_and_logs_every_epoch(tmp_path: Path) -> None:
+    tracker = NullTracker()
+    result = _fit(_matcher(), tmp_path, tracker)
+    assert [step for _, step in tracker.metrics] == [1, 2, 3, 4]
+    rsums = [figures["val/rsum"] for figures in result.history]
+    assert result.best_epoch == 1 + max(range(4), key=lambda i: rsums[i])
+    assert result.best_metrics["rsum"] == max(rsums)
+    assert all(math.isfinite(figures["train/loss"]) for figures in result.history)
+
+
+def test_resume_reaches_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = _fit(_matcher(), tmp_path / "a", NullTracker())
+    real = loop._train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[7] == 2:  # the epoch index
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_matcher(), tmp_path / "b", NullTracker())
+    monkeypatch.setattr(loop, "_train_one_epoch", real)
+    tracker = NullTracker()
+    resumed = _fit(_matcher(), tmp_path / "b", tracker)
+    assert [step for _, step in tracker.metrics] == [3, 4]
+
+    def results(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in figures.items() if not k.endswith("_per_second")} for figures in history]
+
+    assert resumed.best_epoch == straight.best_epoch and results(resumed.history) == results(straight.history)
+    for name, value in straight.best_state.items():
+        assert torch.equal(value, resumed.best_state[name]), name
+
+
+def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
+    matcher = _matcher()
+    with torch.no_grad():
+        matcher.image_encoder.project.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match=r"toy: the loss became nan in epoch 1, batch 1"):
+        _fit(matcher, tmp_path, NullTracker())
+
+
+def test_learning_rate_schedules() -> None:
+    assert [learning_rate(SETTINGS, e) for e in range(4)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
+    cosine = SETTINGS.model_copy(update={"schedule": "cosine"})
+    assert learning_rate(cosine, 0) == pytest.approx(1e-2) and learning_rate(cosine, 2) == pytest.approx(5e-3)
