@@ -19,7 +19,7 @@ from itm.errors import UserError
 from itm.evaluate.ensemble import average_scores
 from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.protocols import evaluate_protocols, protocols_for
-from itm.evaluate.scoring import encode_captions, encode_images, retrieval_timing, score_matrix
+from itm.evaluate.scoring import retrieval_timing, score_split
 from itm.train.saved import load_matcher
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,9 @@ def evaluate_matcher(
     matcher, _ = load_matcher(model_dir, device, vocab_digest=vocab.digest())
     store = RegionStore(regions_dir / "test")
     captions = with_regions(read_captions(captions_dir, "test"), store, "test")
-    image_ids = list(dict.fromkeys(int(i) for i in captions.image_ids))
-    row = {image_id: index for index, image_id in enumerate(image_ids)}
-    images = encode_images(matcher, store, image_ids, batch_size=batch_size, device=device)
-    texts = encode_captions(matcher, captions.token_ids, batch_size=batch_size, device=device)
-    scored = score_matrix(matcher, images, texts, image_chunk=256, caption_chunk=1024, device=device, amp=amp)
-    caption_image = torch.tensor([row[int(i)] for i in captions.image_ids])
+    scored, image_ids, caption_image = score_split(
+        matcher, store, captions, batch_size=batch_size, device=device, amp=amp
+    )
     test = SplitScores(scored.matrix, np.array(image_ids), captions.caption_ids, caption_image)
     test.save(scores_path)
     figures = figures_for(test, dataset_kind)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from itm.data.loaders import pad_captions, pad_regions
+from itm.data.loaders import CaptionTable, pad_captions, pad_regions
 from itm.data.regions import RegionStore
 from itm.models.base import Captions, Encoded, Matcher, Regions
 
@@ -127,6 +127,28 @@ def score_matrix(
     if isinstance(images, TimedEncoded) and isinstance(captions, TimedEncoded):
         encode_seconds = images.seconds + captions.seconds
     return Scored(matrix, seconds, encode_seconds)
+
+
+def score_split(
+    matcher: Matcher,
+    store: RegionStore,
+    captions: CaptionTable,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+) -> tuple[Scored, list[int], Tensor]:
+    """Every image of `captions` (rows in first-appearance order) against every caption (columns in file order).
+
+    Returns the scored matrix, the image id of each row, and each caption's row [n_captions].
+    """
+    image_ids = list(dict.fromkeys(int(i) for i in captions.image_ids))
+    row = {image_id: index for index, image_id in enumerate(image_ids)}
+    images = encode_images(matcher, store, image_ids, batch_size=batch_size, device=device)
+    texts = encode_captions(matcher, captions.token_ids, batch_size=batch_size, device=device)
+    scored = score_matrix(matcher, images, texts, image_chunk=256, caption_chunk=1024, device=device, amp=amp)
+    caption_image = torch.tensor([row[int(i)] for i in captions.image_ids])
+    return scored, image_ids, caption_image
 
 
 def retrieval_timing(scored: Scored, n_queries: int | None = None) -> dict[str, float]:

@@ -19,7 +19,7 @@ from itm.data.loaders import CaptionRegionPairs, CaptionTable, collate_pairs, re
 from itm.data.regions import REGIONS_FILE, RegionStore
 from itm.data.vocab import load_vocab
 from itm.evaluate.metrics import recall_metrics
-from itm.evaluate.scoring import encode_captions, encode_images, score_matrix
+from itm.evaluate.scoring import score_split
 from itm.models import Matcher, build_matcher
 from itm.tracking import Tracker, git_revision
 from itm.train.loop import CHECKPOINT, fit
@@ -51,12 +51,7 @@ def retrieval_figures(
     matcher: Matcher, store: RegionStore, captions: CaptionTable, *, device: torch.device, batch_size: int
 ) -> dict[str, float]:
     """Recall@K and rSum of `matcher` on the images of `captions` (every caption a query, every image one too)."""
-    image_ids = list(dict.fromkeys(int(i) for i in captions.image_ids))
-    row = {image_id: index for index, image_id in enumerate(image_ids)}
-    images = encode_images(matcher, store, image_ids, batch_size=batch_size, device=device)
-    texts = encode_captions(matcher, captions.token_ids, batch_size=batch_size, device=device)
-    scored = score_matrix(matcher, images, texts, image_chunk=256, caption_chunk=1024, device=device, amp=False)
-    caption_image = torch.tensor([row[int(i)] for i in captions.image_ids])
+    scored, _, caption_image = score_split(matcher, store, captions, batch_size=batch_size, device=device, amp=False)
     return recall_metrics(scored.matrix, caption_image)
 
 
