@@ -246,6 +246,7 @@ class MatcherCommon(Section):
     margin: float = Field(0.2, ge=0.0)  # hinge margin alpha (VSE++, SCAN: 0.2)
     max_violation: bool = True  # hardest negative in the batch (VSE++); false sums over all negatives (VSE0)
     epochs: int | None = Field(None, ge=1)  # this matcher's training length; null: train.epochs
+    schedule: Literal["step", "cosine"] | None = None  # this matcher's learning-rate schedule; null: train.schedule
 
 
 class VseppParams(MatcherCommon):
@@ -300,7 +301,53 @@ class UardaParams(MatcherCommon):
     skip_queries: bool = True  # at retrieval, skip words whose best region similarity is below the threshold
 
 
-MatcherParams = Annotated[VseppParams | ScanParams | UardaParams, Field(discriminator="kind")]
+class CvseParams(MatcherCommon):
+    """CVSE (Wang et al., ECCV 2020): instance embeddings from memory-guided attention, consensus embeddings from a
+    GCN over a concept co-occurrence graph, fused. Defaults: BruceW91/CVSE `train_f30k.py` and `model_CVSE.py`
+    (methods.md §2.4)."""
+
+    kind: Literal["cvse"]
+    bidirectional: bool = True  # bi-GRU, directions averaged
+    dropout: float = Field(0.4, ge=0.0, lt=1.0)  # on word embeddings and in the attention branches (CVSE 0.4)
+    # the concept graph (CVSE `gen_A_concept`, mode 'Complex'): P(c_j | c_i) rescaled, binarised at tau
+    graph_threshold: float = Field(0.3, ge=0.0)  # tau
+    graph_rescale_base: float = Field(5.0, gt=1.0)  # t of f(x) = t^(x - p) - t^(-p)
+    graph_rescale_shift: float = Field(0.02, ge=0.0)  # p
+    graph_reweight: float = Field(0.25, gt=0.0)  # neighbours' share of a column before the self-loop
+    concept_input_dim: int = Field(300, ge=1)  # GCN input size (GloVe 300-d in CVSE)
+    glove_path: str | None = None  # GloVe text file for the concept inputs; null: random inputs
+    label_ratio: float = Field(0.35, ge=0.0, le=1.0)  # beta: ground-truth share of the textual concept scores
+    concept_smoothing: float = Field(10.0, gt=0.0)  # softmax sharpness of concept scores and labels (CVSE 10)
+    fusion: Literal["weight_sum", "concat", "adap_sum"] = "weight_sum"
+    fusion_alpha: float = Field(0.85, ge=0.0, le=1.0)  # weight_sum: instance share in training (CVSE 0.85)
+    fusion_alpha_test: float | None = Field(None, ge=0.0, le=1.0)  # at retrieval; null: fusion_alpha (COCO: 0.9)
+    # ranking losses on the fused, instance and consensus embeddings, and the KL term (CVSE [3, 5, 1, 2])
+    loss_weights: tuple[float, float, float, float] = (3.0, 5.0, 1.0, 2.0)
+    loss_weighting: Literal["fixed", "dwa"] = "fixed"  # dwa: re-weighted each epoch from the losses' own descent
+    dwa_temperature: float = Field(2.0, gt=0.0)  # T of Dynamic Weight Average (Liu et al., CVPR 2019)
+    fused_score_weight: float = Field(0.95, ge=0.0, le=1.0)  # retrieval: S = w cos(fused) + (1 - w) cos(consensus)
+
+
+class MhCvseParams(CvseParams):
+    """MH-CVSE (Chen, arXiv 2412.19184): CVSE with multi-head attention for the instance embeddings, dynamic loss
+    weights and cosine annealing. The paper's full text was not available; choices are documented in
+    itm/models/cvse.py."""
+
+    kind: Literal["mh_cvse"]
+    heads: int = Field(8, ge=1)
+    loss_weighting: Literal["fixed", "dwa"] = "dwa"
+    schedule: Literal["step", "cosine"] | None = "cosine"
+
+    @model_validator(mode="after")
+    def _heads_divide_embedding(self) -> MhCvseParams:
+        if self.embed_dim % self.heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+MatcherParams = Annotated[
+    VseppParams | ScanParams | UardaParams | CvseParams | MhCvseParams, Field(discriminator="kind")
+]
 
 
 class TrainParams(Section):
@@ -321,6 +368,12 @@ class EvaluateParams(Section):
 
     # name -> matchers whose similarity matrices are averaged (SCAN's t-i AVG + i-t LSE ensemble)
     ensembles: dict[BlockName, tuple[BlockName, ...]] = Field(default_factory=dict)
+    # Concept-aware matchers (CVSE, MH-CVSE) read each test caption's concepts from its own words. CVSE's public
+    # evaluation also adds the concepts of neighbouring test captions (transductive: it uses the other queries);
+    # true reproduces that, and the metrics record which was used.
+    transductive_concepts: bool = False
+    completion_text_neighbours: int = Field(10, ge=1)  # nearest test captions by embedding (CVSE: 10)
+    completion_image_window: int = Field(3, ge=1)  # captions around the query in its best image's ranking (CVSE: 3)
 
 
 class Params(Section):

@@ -9,6 +9,7 @@ from pathlib import Path
 from itm.cli import run_stage
 from itm.config import PARAMS_FILE, load_params
 from itm.device import default_device
+from itm.evaluate.completion import ConceptCompletion
 from itm.evaluate.run import RECALL_CURVE_FILE, SplitScores, evaluate_matcher, recall_curve, write_json
 from itm.tracking import start_run
 
@@ -27,8 +28,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    settings = params.evaluate
+    completion = None
+    if settings.transductive_concepts:
+        completion = ConceptCompletion(settings.completion_text_neighbours, settings.completion_image_window)
     tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset}
-    with start_run(f"evaluate@{args.matcher}", params={"matcher": args.matcher}, tags=tags) as tracker:
+    logged = {"matcher": args.matcher, "transductive_concepts": settings.transductive_concepts}
+    with start_run(f"evaluate@{args.matcher}", params=logged, tags=tags) as tracker:
         figures = evaluate_matcher(
             args.model,
             args.regions,
@@ -38,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             device=default_device(),
             batch_size=args.batch_size,
             amp=params.train.amp,
+            completion=completion,
         )
         tracker.log_metrics(figures)
         write_json(args.metrics, figures)

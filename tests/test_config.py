@@ -102,7 +102,23 @@ MISTAKES = [
     ),
     (
         lambda r: r["matchers"]["vsepp"].update(kind="vse"),
-        "params.yaml: matchers.vsepp.kind: 'vse' is not one of 'vsepp', 'scan', 'uarda'",
+        "params.yaml: matchers.vsepp.kind: 'vse' is not one of 'vsepp', 'scan', 'uarda', 'cvse', 'mh_cvse'",
+    ),
+    (
+        lambda r: r["matchers"]["mh_cvse"].update(heads=3),
+        "params.yaml: matchers.mh_cvse: embed_dim (256) must be a multiple of heads (3)",
+    ),
+    (
+        lambda r: r["matchers"]["cvse"].update(fusion="sum"),
+        "params.yaml: matchers.cvse.fusion: 'sum' is not one of 'weight_sum', 'concat', 'adap_sum'",
+    ),
+    (
+        lambda r: r["matchers"]["cvse"].update(loss_weights=[3.0, 5.0, 1.0]),
+        "params.yaml: matchers.cvse.loss_weights: expected 4 items, got [3.0, 5.0, 1.0]",
+    ),
+    (
+        lambda r: r["matchers"]["cvse"].update(label_ratio=1.5),
+        "params.yaml: matchers.cvse.label_ratio: must be <= 1.0, got 1.5",
     ),
     (
         lambda r: r["matchers"]["vsepp"].update(direction="t2i"),

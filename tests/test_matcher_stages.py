@@ -56,6 +56,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: Path) -> 
     raw["tokenize"]["min_count"] = 1
     for block in raw["matchers"].values():
         block |= TINY_MATCHER | {"epochs": None}
+    raw["matchers"]["mh_cvse"] |= {"epochs": 3, "heads": 4}  # a third epoch: the first with new DWA weights
     raw["train"] |= {"epochs": 2, "batch_size": 32, "learning_rate": 1.0e-3}
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
@@ -104,13 +105,22 @@ def _evaluate(root: Path, name: str) -> dict[str, float]:
     return json.loads((root / "metrics" / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["vsepp", "scan_t2i_avg", "scan_i2t_lse", "uarda"])
+DEFAULT_MATCHERS = {"vsepp": "vsepp", "scan_t2i_avg": "scan", "scan_i2t_lse": "scan", "uarda": "uarda",
+                    "cvse": "cvse", "mh_cvse": "mh_cvse"}  # fmt: skip
+
+
+def test_the_default_matchers_are_all_tested() -> None:
+    assert yaml.safe_load((REPO / "params.yaml").read_text())["matchers"].keys() == DEFAULT_MATCHERS.keys()
+
+
+@pytest.mark.parametrize("name", DEFAULT_MATCHERS)
 def test_train_then_evaluate_each_default_matcher(prepared: Path, name: str) -> None:
     _train(prepared, name)
     model_dir = prepared / "models" / name
     card = json.loads((model_dir / "card.json").read_text())
-    assert card["name"] == name and card["kind"] == name.split("_")[0]
-    assert 1 <= card["best_epoch"] <= 2 and card["val"]["rsum"] > 0
+    assert card["name"] == name and card["kind"] == DEFAULT_MATCHERS[name]
+    assert 1 <= card["best_epoch"] <= card["train"]["epochs"] and card["val"]["rsum"] > 0
+    assert (card["concepts_digest"] is not None) == name.endswith("cvse")
     assert not (prepared / "work" / name / CHECKPOINT).exists()  # removed once the model is saved
     matcher, _ = load_matcher(model_dir, torch.device("cpu"))
     assert not matcher.training
@@ -128,6 +138,46 @@ def test_train_then_evaluate_each_default_matcher(prepared: Path, name: str) -> 
     recomputed = recall_metrics(scores.scores, scores.caption_image)
     assert {key: figures[f"test/{key}"] for key in recomputed} == pytest.approx(recomputed)
     assert torch.isfinite(scores.scores).all()
+    if name.endswith("cvse"):
+        assert figures["test/transductive_concepts"] == 0.0
+    else:
+        assert "test/transductive_concepts" not in figures
+
+
+def test_mh_cvse_saves_its_loss_weights_schedule_and_concepts(prepared: Path) -> None:
+    """DWA keeps CVSE's weights through epoch 2's training and sets new ones at its end, so a model selected after
+    epoch 2 or later carries moved weights; the schedule is MH-CVSE's cosine; the concepts travel in model.pt."""
+    if not (prepared / "models" / "mh_cvse").is_dir():
+        _train(prepared, "mh_cvse")
+    saved = torch.load(prepared / "models" / "mh_cvse" / "model.pt", weights_only=True)
+    best_weights = saved["state_dict"]["loss.weights"]
+    prior = torch.tensor([3.0, 5.0, 1.0, 2.0])
+    assert torch.equal(best_weights, prior) == (saved["card"]["best_epoch"] == 1)
+    assert float((best_weights / prior).mean()) == pytest.approx(1.0)  # the DWA factors average to 1
+    assert saved["card"]["train"]["schedule"] == "cosine"
+    assert sorted(saved["concepts"]["words"]) == sorted(
+        json.loads((prepared / "data" / "captions" / "concepts.json").read_text())["concepts"]
+    )
+
+
+def test_transductive_concepts_are_reported(prepared: Path) -> None:
+    if not (prepared / "models" / "cvse").is_dir():
+        _train(prepared, "cvse")
+    plain = _evaluate(prepared, "cvse")
+    raw = yaml.safe_load((prepared / "params.yaml").read_text())
+    raw["evaluate"]["transductive_concepts"] = True
+    completed_params = prepared / "params_transductive.yaml"
+    completed_params.write_text(yaml.safe_dump(raw))
+    evaluate.main(["--params", str(completed_params), "--matcher", "cvse", "--model", str(prepared / "models/cvse"),
+                   "--regions", str(prepared / "data/regions"), "--captions", str(prepared / "data/captions"),
+                   "--scores", str(prepared / "scores" / "cvse_t.npz"),
+                   "--metrics", str(prepared / "metrics" / "cvse_t.json"),
+                   "--plots", str(prepared / "plots" / "cvse_t")])  # fmt: skip
+    completed = json.loads((prepared / "metrics" / "cvse_t.json").read_text())
+    assert plain["test/transductive_concepts"] == 0.0 and completed["test/transductive_concepts"] == 1.0
+    assert completed["test/completion_seconds"] > 0 and "test/completion_seconds" not in plain
+    first, second = (SplitScores.load(prepared / "scores" / f"{n}.npz").scores for n in ("cvse", "cvse_t"))
+    assert not torch.equal(first, second)  # completed labels change the textual consensus embeddings
 
 
 def test_ensemble_of_the_two_scan_directions(prepared: Path) -> None:
@@ -144,10 +194,14 @@ def test_ensemble_of_the_two_scan_directions(prepared: Path) -> None:
     assert figures["test/rsum"] == pytest.approx(expected["rsum"])
 
 
-def test_an_interrupted_training_resumes_to_the_same_model(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stop `train@vsepp` after its second epoch's checkpoint, run it again: same weights as one whole run."""
-    whole = prepared / "models" / "vsepp_whole"
-    _train(prepared, "vsepp", "--out", str(whole), "--work", str(prepared / "work" / "whole"))
+@pytest.mark.parametrize("name", ["vsepp", "mh_cvse"])
+def test_an_interrupted_training_resumes_to_the_same_model(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Stop a training after its second epoch's checkpoint, run it again: same weights as one whole run (for
+    MH-CVSE, also the same dynamic loss weights, which its third epoch is the first to change)."""
+    whole = prepared / "models" / f"{name}_whole"
+    _train(prepared, name, "--out", str(whole), "--work", str(prepared / "work" / f"{name}_whole"))
 
     saved = loop._save
     calls = []
@@ -159,13 +213,13 @@ def test_an_interrupted_training_resumes_to_the_same_model(prepared: Path, monke
             raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "_save", save_then_stop)
-    resumed = prepared / "models" / "vsepp_resumed"
-    work = prepared / "work" / "resumed"
+    resumed = prepared / "models" / f"{name}_resumed"
+    work = prepared / "work" / f"{name}_resumed"
     with pytest.raises(KeyboardInterrupt):
-        _train(prepared, "vsepp", "--out", str(resumed), "--work", str(work))
+        _train(prepared, name, "--out", str(resumed), "--work", str(work))
     assert (work / CHECKPOINT).is_file() and not resumed.exists()
     monkeypatch.setattr(loop, "_save", saved)
-    _train(prepared, "vsepp", "--out", str(resumed), "--work", str(work))
+    _train(prepared, name, "--out", str(resumed), "--work", str(work))
 
     first = torch.load(whole / "model.pt", weights_only=True)
     second = torch.load(resumed / "model.pt", weights_only=True)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 import typing
 
+import numpy as np
 import pytest
 import torch
 from pydantic import TypeAdapter
 from torch import Tensor
 
 from itm.config import MatcherParams
-from itm.models import build_matcher, list_matchers
+from itm.data.concepts import Concepts
+from itm.models import Matcher, MatcherInputs, build_matcher, list_matchers
 from itm.models import similarity as similarity_module
 from itm.models.base import Captions, Encoded, Regions
 from itm.models.encoders import TextEncoder, l2norm
@@ -25,8 +27,22 @@ from itm.models.similarity import (
 )
 from itm.models.uarda import RelevanceThreshold, UardaScorer, gaussian_crossing, threshold_samples
 
-FEATURE_DIM, VOCAB = 12, 30
+FEATURE_DIM, VOCAB, N_CONCEPTS = 12, 30, 6
 SMALL = {"embed_dim": 32, "word_dim": 16}
+
+
+def _concepts() -> Concepts:
+    """Six concepts with co-occurrence counts of 40 random multi-hot captions."""
+    labels = (np.random.default_rng(0).random((40, N_CONCEPTS)) < 0.4).astype(np.int64)
+    cooccurrence = labels.T @ labels
+    return Concepts(tuple(f"concept{i}" for i in range(N_CONCEPTS)), tuple(np.diag(cooccurrence)), cooccurrence, 40)
+
+
+INPUTS = MatcherInputs(FEATURE_DIM, VOCAB, _concepts())
+
+
+def _build(kind: str, **overrides: object) -> Matcher:
+    return build_matcher(_params(kind, **overrides), INPUTS)
 
 
 def _close(actual: Tensor, expected: Tensor, atol: float) -> None:
@@ -55,7 +71,8 @@ def _batch(n: int, *, seed: int) -> tuple[Regions, Captions]:
     mask = torch.arange(6)[None] < region_counts[:, None]
     tokens = torch.randint(1, VOCAB, (n, 7), generator=generator)
     tokens = tokens.masked_fill(torch.arange(7)[None] >= lengths[:, None], 0)
-    return Regions(features.masked_fill(~mask[..., None], 0).half(), mask), Captions(tokens, lengths)
+    concepts = (torch.rand(n, N_CONCEPTS, generator=generator) < 0.4).float()
+    return Regions(features.masked_fill(~mask[..., None], 0).half(), mask), Captions(tokens, lengths, concepts)
 
 
 def _with_padding(regions: Regions, captions: Captions, extra: int) -> tuple[Regions, Captions]:
@@ -69,7 +86,7 @@ def _with_padding(regions: Regions, captions: Captions, extra: int) -> tuple[Reg
     filler = torch.randint(1, VOCAB, tokens.shape, generator=generator)
     padding = torch.arange(tokens.shape[1])[None] >= captions.lengths[:, None]
     return Regions(torch.where(mask[..., None], features, noise), mask), Captions(
-        torch.where(padding, filler, tokens), captions.lengths
+        torch.where(padding, filler, tokens), captions.lengths, captions.concepts
     )
 
 
@@ -105,7 +122,7 @@ def test_registered_kinds_are_the_schema_kinds() -> None:
 @pytest.mark.parametrize("kind", list_matchers())
 def test_every_matcher_trains_and_scores(kind: str) -> None:
     torch.manual_seed(0)
-    matcher = build_matcher(_params(kind), feature_dim=FEATURE_DIM, vocab_size=VOCAB)
+    matcher = _build(kind)
     regions, captions = _batch(5, seed=1)
     assert not regions.mask.all() and not captions.mask.all()
 
@@ -132,7 +149,7 @@ def test_every_matcher_trains_and_scores(kind: str) -> None:
 def test_scores_ignore_padding(kind: str) -> None:
     """Extra padded regions and words (features and token ids behind the masks) leave every score unchanged."""
     torch.manual_seed(0)
-    matcher = build_matcher(_params(kind), feature_dim=FEATURE_DIM, vocab_size=VOCAB).eval()
+    matcher = _build(kind).eval()
     regions, captions = _batch(4, seed=5)
     more_regions, more_captions = _with_padding(regions, captions, extra=3)
     with torch.no_grad():
@@ -142,7 +159,7 @@ def test_scores_ignore_padding(kind: str) -> None:
 
 
 def test_uarda_threshold_is_saved_with_the_weights() -> None:
-    matcher = build_matcher(_params("uarda", threshold_init=0.25), feature_dim=FEATURE_DIM, vocab_size=VOCAB)
+    matcher = _build("uarda", threshold_init=0.25)
     assert float(matcher.state_dict()["scorer.threshold.value"]) == 0.25
 
 

@@ -45,7 +45,7 @@ class _Cosine(nn.Module):
 
 
 class _Hinge(nn.Module):
-    def forward(self, scores: Tensor) -> dict[str, Tensor]:
+    def forward(self, scores: Tensor, *_encodings: Encoded) -> dict[str, Tensor]:
         positives = scores.diag()
         cost = (0.2 + scores - positives[None, :]).clamp(min=0) + (0.2 + scores - positives[:, None]).clamp(min=0)
         loss = cost.masked_fill(torch.eye(len(scores), dtype=torch.bool), 0).sum()
@@ -130,3 +130,28 @@ def test_learning_rate_schedules() -> None:
     assert [learning_rate(SETTINGS, e) for e in range(4)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
     cosine = SETTINGS.model_copy(update={"schedule": "cosine"})
     assert learning_rate(cosine, 0) == pytest.approx(1e-2) and learning_rate(cosine, 2) == pytest.approx(5e-3)
+
+
+class _CountingHinge(_Hinge):
+    """A loss that reports after each epoch how many batches it saw in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    def forward(self, scores: Tensor, *encodings: Encoded) -> dict[str, Tensor]:
+        self.batches += 1
+        return super().forward(scores, *encodings)
+
+    def end_epoch(self) -> dict[str, float]:
+        seen, self.batches = self.batches, 0
+        return {"batches_seen": float(seen)}
+
+
+def test_a_loss_reports_after_every_epoch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    matcher = Matcher(_MeanImage(), _BagText(), _Cosine(), _CountingHinge())
+    tracker = NullTracker()
+    _fit(matcher, tmp_path, tracker)
+    assert [figures["train/batches_seen"] for figures, _ in tracker.metrics] == [3.0] * 4
+    assert _matcher().end_epoch() == {}  # a loss without the hook reports nothing

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from itm.atomic import staged_dir
-from itm.data.concepts import build_concepts, concept_labels
+from itm.data.concepts import Concepts, build_concepts, concept_labels
 from itm.data.records import SPLITS, ImageRecord
 from itm.data.text import tokenize
 from itm.data.vocab import build_vocab, save_vocab
@@ -128,3 +128,26 @@ def _unknown_share(captions: dict[str, list[_Caption]], words: Sequence[str]) ->
         unknown = sum(token not in known for caption in rows for token in caption.tokens)
         shares[split] = unknown / total if total else 0.0
     return shares
+
+
+def read_concepts(captions_dir: Path) -> Concepts:
+    """The concept vocabulary and its train co-occurrence counts written by `write_captions`."""
+    path, matrix_path = captions_dir / CONCEPTS_FILE, captions_dir / COOCCURRENCE_FILE
+    for required in (path, matrix_path):
+        if not required.is_file():
+            raise UserError(f"{required}: not found (run the tokenize stage first)")
+    document = json.loads(path.read_text(encoding="utf-8"))
+    cooccurrence = np.load(matrix_path)
+    words = tuple(document["concepts"])
+    if cooccurrence.shape != (len(words), len(words)):
+        raise UserError(f"{matrix_path}: shape {cooccurrence.shape} does not fit the {len(words)} concepts of {path}")
+    return Concepts(words, tuple(document["caption_counts"]), cooccurrence, int(document["train_captions"]))
+
+
+def read_concept_labels(captions_dir: Path, split: str) -> dict[int, list[int]]:
+    """caption_id -> the ids of the concepts the caption mentions, for one split."""
+    path = captions_dir / CONCEPT_LABELS_DIR / f"{split}.parquet"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run the tokenize stage first)")
+    table = pq.read_table(path)
+    return dict(zip(table.column("caption_id").to_pylist(), table.column("concept_ids").to_pylist(), strict=True))

@@ -11,6 +11,7 @@ this into P(c_j | c_i) = cooc[i, j] / cooc[i, i].
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,6 +31,15 @@ class Concepts:
     caption_counts: tuple[int, ...]  # train captions containing each word
     cooccurrence: np.ndarray  # [K, K] int64, train captions containing both words
     n_captions: int
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def digest(self) -> str:
+        """A short content hash of the words and their statistics, stored with a model that uses them."""
+        sha = hashlib.sha256("\n".join(self.words).encode())
+        sha.update(np.ascontiguousarray(self.cooccurrence, dtype=np.int64).tobytes())
+        return sha.hexdigest()[:16]
 
 
 def _vectorizer(vocabulary: Sequence[str] | None = None) -> CountVectorizer:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from itm.data.captions import captions_file
+from itm.data.captions import captions_file, read_concept_labels
 from itm.data.regions import RegionStore
 from itm.errors import UserError
 from itm.models.base import Captions, Regions
@@ -22,23 +22,65 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CaptionTable:
-    """The captions of one split, in file order."""
+    """The captions of one split, in file order, with the concepts each mentions when they were read."""
 
     caption_ids: np.ndarray  # [N] int64
     image_ids: np.ndarray  # [N] int64
     token_ids: list[list[int]]
+    concept_ids: list[list[int]] | None = None  # per caption, ids into the concept vocabulary
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def select(self, keep: np.ndarray) -> CaptionTable:
+        """The captions where the boolean `keep` [N] is True, in order."""
+        rows = np.flatnonzero(keep).tolist()
+        return CaptionTable(
+            self.caption_ids[keep],
+            self.image_ids[keep],
+            [self.token_ids[row] for row in rows],
+            None if self.concept_ids is None else [self.concept_ids[row] for row in rows],
+        )
+
+    def with_concepts(self, concept_ids: list[list[int]]) -> CaptionTable:
+        """The same captions with other concept labels (one list per caption)."""
+        if len(concept_ids) != len(self):
+            raise ValueError(f"{len(concept_ids)} concept lists for {len(self)} captions")
+        return CaptionTable(self.caption_ids, self.image_ids, self.token_ids, concept_ids)
 
 
-def read_captions(captions_dir: Path, split: str) -> CaptionTable:
+def read_captions(captions_dir: Path, split: str, *, concepts: bool = False) -> CaptionTable:
+    """One split's captions; with `concepts`, also the concepts each caption mentions (tokenize's labels)."""
     path = captions_file(captions_dir, split)
     if not path.is_file():
         raise UserError(f"{path}: not found (run the tokenize stage first)")
     table = pq.read_table(path, columns=["caption_id", "image_id", "token_ids"])
+    caption_ids = table.column("caption_id").to_numpy()
+    concept_ids = None
+    if concepts:
+        labels = read_concept_labels(captions_dir, split)
+        missing = [int(c) for c in caption_ids if int(c) not in labels]
+        if missing:
+            raise UserError(f"{captions_dir}: caption {missing[0]} of {split} has no concept labels; re-run tokenize")
+        concept_ids = [labels[int(c)] for c in caption_ids]
     return CaptionTable(
-        caption_ids=table.column("caption_id").to_numpy(),
+        caption_ids=caption_ids,
         image_ids=table.column("image_id").to_numpy(),
         token_ids=table.column("token_ids").to_pylist(),
+        concept_ids=concept_ids,
     )
+
+
+def image_concepts(captions: CaptionTable) -> CaptionTable:
+    """Each caption labelled with the concepts of its whole image: the union over the image's captions in the
+    table. CVSE trains on such image-level labels (BruceW91/CVSE `data.py`, `concept_labels` per image) and labels
+    val/test captions by their own words."""
+    if captions.concept_ids is None:
+        raise ValueError("the captions were read without concepts")
+    per_image: dict[int, set[int]] = {}
+    for image_id, ids in zip(captions.image_ids.tolist(), captions.concept_ids, strict=True):
+        per_image.setdefault(image_id, set()).update(ids)
+    return captions.with_concepts([sorted(per_image[image_id]) for image_id in captions.image_ids.tolist()])
 
 
 def with_regions(captions: CaptionTable, store: RegionStore, split: str) -> CaptionTable:
@@ -49,11 +91,7 @@ def with_regions(captions: CaptionTable, store: RegionStore, split: str) -> Capt
     if not keep.all():
         missing = len(np.unique(captions.image_ids[~keep]))
         log.warning("%s: %d images have no regions (see failures.parquet); their captions are left out", split, missing)
-    return CaptionTable(
-        captions.caption_ids[keep],
-        captions.image_ids[keep],
-        [tokens for tokens, kept in zip(captions.token_ids, keep, strict=True) if kept],
-    )
+    return captions.select(keep)
 
 
 def pad_regions(features: Sequence[np.ndarray]) -> Regions:
@@ -67,31 +105,51 @@ def pad_regions(features: Sequence[np.ndarray]) -> Regions:
     return Regions(torch.from_numpy(batch), mask)
 
 
-def pad_captions(token_ids: Sequence[Sequence[int]]) -> Captions:
-    """Stack token-id lists into [B, L] (padded with 0, the <pad> id) with their lengths."""
+def pad_captions(
+    token_ids: Sequence[Sequence[int]], concept_ids: Sequence[Sequence[int]] | None = None, n_concepts: int = 0
+) -> Captions:
+    """Stack token-id lists into [B, L] (padded with 0, the <pad> id) with their lengths; with `concept_ids` and
+    `n_concepts` > 0, also the [B, n_concepts] multi-hot concept labels."""
     lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.int64)
     tokens = torch.zeros(len(token_ids), int(lengths.max()), dtype=torch.int64)
     for row, ids in enumerate(token_ids):
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-    return Captions(tokens, lengths)
+    concepts = None
+    if n_concepts > 0:
+        if concept_ids is None:
+            raise ValueError("the matcher reads concept labels, but the captions come without them")
+        concepts = torch.zeros(len(token_ids), n_concepts, dtype=torch.float32)
+        for row, ids in enumerate(concept_ids):
+            concepts[row, list(ids)] = 1.0
+    return Captions(tokens, lengths, concepts)
+
+
+PairItem = tuple[np.ndarray, list[int], list[int]]
 
 
 class CaptionRegionPairs(Dataset):
-    """Every caption with its image's regions: the training items of SCAN and VSE++ (one per caption)."""
+    """Every caption with its image's regions (and its concept labels, when the table has them): the training items
+    (one per caption)."""
 
     def __init__(self, captions: CaptionTable, store: RegionStore) -> None:
         self.captions = captions
         self.store = store
 
     def __len__(self) -> int:
-        return len(self.captions.token_ids)
+        return len(self.captions)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, list[int]]:
+    def __getitem__(self, index: int) -> PairItem:
         image_id = int(self.captions.image_ids[index])
-        return np.asarray(self.store.features_of(image_id)), self.captions.token_ids[index]
+        concepts = [] if self.captions.concept_ids is None else self.captions.concept_ids[index]
+        return np.asarray(self.store.features_of(image_id)), self.captions.token_ids[index], concepts
 
 
-def collate_pairs(items: list[tuple[np.ndarray, list[int]]]) -> tuple[Regions, Captions]:
-    """An aligned batch: image i matches caption i."""
-    features, tokens = zip(*items, strict=True)
-    return pad_regions(features), pad_captions(tokens)
+class PairCollator:
+    """An aligned batch from dataset items: image i matches caption i; concept labels when `n_concepts` > 0."""
+
+    def __init__(self, n_concepts: int = 0) -> None:
+        self.n_concepts = n_concepts
+
+    def __call__(self, items: list[PairItem]) -> tuple[Regions, Captions]:
+        features, tokens, concepts = zip(*items, strict=True)
+        return pad_regions(features), pad_captions(tokens, concepts, self.n_concepts)

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from itm.atomic import staged_file
-from itm.data.captions import VOCAB_FILE
+from itm.data.captions import VOCAB_FILE, read_concepts
 from itm.data.loaders import read_captions, with_regions
 from itm.data.regions import RegionStore
 from itm.data.vocab import load_vocab
 from itm.errors import UserError
+from itm.evaluate.completion import ConceptCompletion
 from itm.evaluate.ensemble import average_scores
 from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.protocols import evaluate_protocols, protocols_for
@@ -70,19 +71,29 @@ def evaluate_matcher(
     device: torch.device,
     batch_size: int,
     amp: bool,
+    completion: ConceptCompletion | None = None,
 ) -> dict[str, float]:
-    """Score the whole test gallery, save the matrix, and return the protocol figures and retrieval times."""
+    """Score the whole test gallery, save the matrix, and return the protocol figures and retrieval times.
+
+    A concept-aware matcher labels each test caption with the concepts of its own words, completed transductively
+    from neighbouring test captions when `completion` is given; its figures then include
+    `test/transductive_concepts` (1 or 0) to say which was used.
+    """
     vocab = load_vocab(captions_dir / VOCAB_FILE)
-    matcher, _ = load_matcher(model_dir, device, vocab_digest=vocab.digest())
+    concepts = read_concepts(captions_dir)
+    matcher, _ = load_matcher(model_dir, device, vocab_digest=vocab.digest(), concepts_digest=concepts.digest())
+    labelled = matcher.n_concepts > 0
     store = RegionStore(regions_dir / "test")
-    captions = with_regions(read_captions(captions_dir, "test"), store, "test")
+    captions = with_regions(read_captions(captions_dir, "test", concepts=labelled), store, "test")
     scored, image_ids, caption_image = score_split(
-        matcher, store, captions, batch_size=batch_size, device=device, amp=amp
+        matcher, store, captions, batch_size=batch_size, device=device, amp=amp, completion=completion
     )
     test = SplitScores(scored.matrix, np.array(image_ids), captions.caption_ids, caption_image)
     test.save(scores_path)
     figures = figures_for(test, dataset_kind)
     figures |= {f"test/{key}": value for key, value in retrieval_timing(scored, len(captions.token_ids)).items()}
+    if labelled:
+        figures["test/transductive_concepts"] = float(completion is not None)
     return figures
 
 

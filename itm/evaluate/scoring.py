@@ -12,6 +12,7 @@ image side to the device once and each caption chunk once. The matcher must alre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from itm.data.loaders import CaptionTable, pad_captions, pad_regions
 from itm.data.regions import RegionStore
+from itm.evaluate.completion import ConceptCompletion
 from itm.models.base import Captions, Encoded, Matcher, Regions
 
 
@@ -44,6 +46,7 @@ class Scored:
     matrix: Tensor  # [n_images, n_captions] float32 on the CPU
     score_seconds: float
     encode_seconds: float | None
+    completion_seconds: float | None = None  # transductive concept completion (first pass and re-encoding)
 
 
 def encode_images(
@@ -66,9 +69,15 @@ def encode_images(
 
 
 def encode_captions(
-    matcher: Matcher, token_ids: Sequence[Sequence[int]], *, batch_size: int, device: torch.device
+    matcher: Matcher,
+    token_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    device: torch.device,
+    concept_ids: Sequence[Sequence[int]] | None = None,
 ) -> TimedEncoded:
-    """Encode token-id sequences (rows in input order), in eval mode without gradients.
+    """Encode token-id sequences (rows in input order), in eval mode without gradients; a concept-aware matcher
+    also gets each caption's `concept_ids`.
 
     Captions are batched longest first so a batch holds similar lengths (less padding), then put back in input
     order; `local` is padded to the longest caption overall and `mask` is False on padding.
@@ -77,7 +86,9 @@ def encode_captions(
 
     def batches() -> Iterator[Captions]:
         for start in range(0, len(order), batch_size):
-            yield pad_captions([token_ids[index] for index in order[start : start + batch_size]])
+            rows = order[start : start + batch_size]
+            concepts = None if concept_ids is None else [concept_ids[index] for index in rows]
+            yield pad_captions([token_ids[index] for index in rows], concepts, matcher.n_concepts)
 
     encoded = _encode(matcher, matcher.encode_text, batches(), _n_batches(len(order), batch_size), device, "captions")
     inverse = torch.empty(len(order), dtype=torch.int64)
@@ -137,16 +148,35 @@ def score_split(
     batch_size: int,
     device: torch.device,
     amp: bool,
+    completion: ConceptCompletion | None = None,
 ) -> tuple[Scored, list[int], Tensor]:
     """Every image of `captions` (rows in first-appearance order) against every caption (columns in file order).
 
-    Returns the scored matrix, the image id of each row, and each caption's row [n_captions].
+    With `completion` (for a concept-aware matcher), the captions' concept labels are completed transductively from
+    a first scoring pass, the captions re-encoded and scored again. Returns the scored matrix, the image id of each
+    row, and each caption's row [n_captions].
     """
     image_ids = list(dict.fromkeys(int(i) for i in captions.image_ids))
     row = {image_id: index for index, image_id in enumerate(image_ids)}
     images = encode_images(matcher, store, image_ids, batch_size=batch_size, device=device)
-    texts = encode_captions(matcher, captions.token_ids, batch_size=batch_size, device=device)
-    scored = score_matrix(matcher, images, texts, image_chunk=256, caption_chunk=1024, device=device, amp=amp)
+
+    def encode(concept_ids: Sequence[Sequence[int]] | None) -> TimedEncoded:
+        return encode_captions(matcher, captions.token_ids, batch_size=batch_size, device=device,
+                               concept_ids=concept_ids)  # fmt: skip
+
+    def score(texts: TimedEncoded) -> Scored:
+        return score_matrix(matcher, images, texts, image_chunk=256, caption_chunk=1024, device=device, amp=amp)
+
+    texts = encode(captions.concept_ids)
+    scored = score(texts)
+    if completion is not None and matcher.n_concepts > 0:
+        if captions.concept_ids is None or texts.pooled is None:
+            raise ValueError("concept completion needs the captions' concept labels and pooled caption vectors")
+        started = time.perf_counter()
+        completed = completion.complete(scored.matrix, texts.pooled, captions.concept_ids)
+        texts = encode(completed)
+        spent = scored.score_seconds + (time.perf_counter() - started)
+        scored = dataclasses.replace(score(texts), completion_seconds=spent)
     caption_image = torch.tensor([row[int(i)] for i in captions.image_ids])
     return scored, image_ids, caption_image
 
@@ -163,6 +193,8 @@ def retrieval_timing(scored: Scored, n_queries: int | None = None) -> dict[str, 
     figures = {"seconds_per_query": scored.score_seconds / queries, "score_seconds": scored.score_seconds}
     if scored.encode_seconds is not None:
         figures["encode_seconds"] = scored.encode_seconds
+    if scored.completion_seconds is not None:
+        figures["completion_seconds"] = scored.completion_seconds
     return figures
 
 

@@ -26,10 +26,12 @@ class Regions:
 
 @dataclass(frozen=True)
 class Captions:
-    """A batch of token-id sequences (padded with id 0, framed by <start> and <end>)."""
+    """A batch of token-id sequences (padded with id 0, framed by <start> and <end>), with multi-hot concept labels
+    for matchers that read them (`Matcher.n_concepts` > 0)."""
 
     tokens: Tensor  # [B, L] int64
     lengths: Tensor  # [B] int64, true lengths
+    concepts: Tensor | None = None  # [B, K] float32, 1 for each concept the caption (or its image) mentions
 
     @property
     def mask(self) -> Tensor:
@@ -38,7 +40,8 @@ class Captions:
         return positions[None, :] < self.lengths[:, None]
 
     def to(self, device: torch.device) -> Captions:
-        return Captions(self.tokens.to(device, non_blocking=True), self.lengths.to(device, non_blocking=True))
+        concepts = None if self.concepts is None else self.concepts.to(device, non_blocking=True)
+        return Captions(self.tokens.to(device, non_blocking=True), self.lengths.to(device, non_blocking=True), concepts)
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,29 @@ class Matcher(nn.Module):
       so a gallery is encoded once;
     - `scorer(images: Encoded, captions: Encoded) -> [n_images, n_captions]` scores every pair (higher = better);
       in training mode it may assume the batch is aligned (image i matches caption i), e.g. to update statistics;
-    - `loss(scores [B, B]) -> {"loss": total, ...named terms}` with the matches on the diagonal.
+    - `loss(scores [B, B], images, captions) -> {"loss": total, ...named terms}` with the matches on the diagonal;
+      the encodings are there for losses with terms beyond the scores (CVSE's per-level rankings and KL term).
+
+    `n_concepts` > 0 declares that the text encoder reads `Captions.concepts` over that many concepts, so data
+    loaders attach them. A loss may define `end_epoch() -> {name: value}`, called after each training epoch
+    (e.g. to re-weight its terms); what it returns is logged with the epoch's figures.
     """
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, scorer: nn.Module, loss: nn.Module) -> None:
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_encoder: nn.Module,
+        scorer: nn.Module,
+        loss: nn.Module,
+        *,
+        n_concepts: int = 0,
+    ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.scorer = scorer
         self.loss = loss
+        self.n_concepts = n_concepts
 
     def encode_image(self, regions: Regions) -> Encoded:
         return self.image_encoder(regions)
@@ -93,4 +110,10 @@ class Matcher(nn.Module):
 
     def forward(self, regions: Regions, captions: Captions) -> dict[str, Tensor]:
         """Training step on an aligned batch: the named loss terms, total under "loss"."""
-        return self.loss(self.score(self.encode_image(regions), self.encode_text(captions)))
+        images, texts = self.encode_image(regions), self.encode_text(captions)
+        return self.loss(self.score(images, texts), images, texts)
+
+    def end_epoch(self) -> dict[str, float]:
+        """Tell the loss an epoch of training is over; the figures it reports (none for most losses)."""
+        hook = getattr(self.loss, "end_epoch", None)
+        return hook() if hook is not None else {}

@@ -21,7 +21,9 @@ class ContrastiveLoss(nn.Module):
         self.margin = margin
         self.max_violation = max_violation
 
-    def forward(self, scores: Tensor) -> dict[str, Tensor]:
+    def forward(self, scores: Tensor, *_encodings: object) -> dict[str, Tensor]:
+        """The terms for an aligned batch's `scores` [B, B] (the batch's encodings, passed by `Matcher`, are not
+        needed)."""
         scores = scores.float()  # [B, B]
         positives = scores.diag()  # [B]
         diagonal = torch.eye(len(scores), dtype=torch.bool, device=scores.device)

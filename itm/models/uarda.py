@@ -19,7 +19,7 @@ from itm.config import UardaParams
 from itm.models.base import Encoded, Matcher
 from itm.models.encoders import RegionEncoder, TextEncoder
 from itm.models.losses import ContrastiveLoss
-from itm.models.registry import register_matcher
+from itm.models.registry import MatcherInputs, register_matcher
 from itm.models.similarity import Pooling, cross_attention_scores
 
 
@@ -178,7 +178,7 @@ class UardaScorer(nn.Module):
 
 
 @register_matcher("uarda")
-def build_uarda(params: UardaParams, *, feature_dim: int, vocab_size: int) -> Matcher:
+def build_uarda(params: UardaParams, inputs: MatcherInputs) -> Matcher:
     """SCAN t-i encoders and loss with the thresholded scorer."""
     threshold = RelevanceThreshold(
         params.threshold_init,
@@ -188,8 +188,10 @@ def build_uarda(params: UardaParams, *, feature_dim: int, vocab_size: int) -> Ma
         min_samples=params.threshold_min_samples,
     )
     return Matcher(
-        image_encoder=RegionEncoder(feature_dim, params.embed_dim, pool_first=False),
-        text_encoder=TextEncoder(vocab_size, params.word_dim, params.embed_dim, bidirectional=params.bidirectional),
+        image_encoder=RegionEncoder(inputs.feature_dim, params.embed_dim, pool_first=False),
+        text_encoder=TextEncoder(
+            inputs.vocab_size, params.word_dim, params.embed_dim, bidirectional=params.bidirectional
+        ),
         scorer=UardaScorer(
             threshold, params.pooling, params.lambda_softmax, params.lambda_lse, skip_queries=params.skip_queries
         ),

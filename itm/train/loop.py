@@ -77,6 +77,7 @@ def fit(
         train_figures = _train_one_epoch(
             matcher, batches(epoch), optimizer, scaler, settings, device, amp, epoch, label
         )
+        train_figures |= {f"train/{key}": value for key, value in matcher.end_epoch().items()}
         matcher.eval()
         val_figures = validate(matcher)
         figures = train_figures | {f"val/{key}": value for key, value in val_figures.items()}

@@ -14,13 +14,20 @@ from torch.utils.data import DataLoader
 
 from itm.atomic import staged_dir
 from itm.config import MatcherParams, TrainParams
-from itm.data.captions import VOCAB_FILE, captions_file
-from itm.data.loaders import CaptionRegionPairs, CaptionTable, collate_pairs, read_captions, with_regions
+from itm.data.captions import VOCAB_FILE, captions_file, read_concepts
+from itm.data.loaders import (
+    CaptionRegionPairs,
+    CaptionTable,
+    PairCollator,
+    image_concepts,
+    read_captions,
+    with_regions,
+)
 from itm.data.regions import REGIONS_FILE, RegionStore
 from itm.data.vocab import load_vocab
 from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.scoring import score_split
-from itm.models import Matcher, build_matcher
+from itm.models import Matcher, MatcherInputs, build_matcher
 from itm.tracking import Tracker, git_revision
 from itm.train.loop import CHECKPOINT, fit
 from itm.train.saved import save_matcher
@@ -42,9 +49,7 @@ def first_images(captions: CaptionTable, n_images: int) -> CaptionTable:
     """The captions of the first `n_images` distinct images, in file order."""
     _, first_seen = np.unique(captions.image_ids, return_index=True)
     kept_images = set(captions.image_ids[np.sort(first_seen)][:n_images].tolist())
-    keep = np.array([int(i) in kept_images for i in captions.image_ids], dtype=bool)
-    tokens = [t for t, k in zip(captions.token_ids, keep, strict=True) if k]
-    return CaptionTable(captions.caption_ids[keep], captions.image_ids[keep], tokens)
+    return captions.select(np.array([int(i) in kept_images for i in captions.image_ids], dtype=bool))
 
 
 def retrieval_figures(
@@ -56,8 +61,10 @@ def retrieval_figures(
 
 
 def resolved_settings(params: MatcherParams, settings: TrainParams) -> TrainParams:
-    """The training settings of one matcher: the shared ones with the matcher's `epochs` when it has its own."""
-    return settings if params.epochs is None else settings.model_copy(update={"epochs": params.epochs})
+    """The training settings of one matcher: the shared ones, with the matcher's own `epochs` and `schedule` where
+    it sets them."""
+    own = {key: getattr(params, key) for key in ("epochs", "schedule") if getattr(params, key) is not None}
+    return settings.model_copy(update=own) if own else settings
 
 
 def train_matcher(
@@ -75,16 +82,23 @@ def train_matcher(
 ) -> dict[str, Any]:
     """Train matcher `name` on the train split, select it on val rSum, and save it to `out_dir` with its card.
 
-    `settings` are the shared `train:` params; the matcher's own `epochs`, when set, replaces `settings.epochs`.
+    `settings` are the shared `train:` params; the matcher's own `epochs` and `schedule`, when set, replace them.
+    Concept-aware matchers train on image-level concept labels and validate on each caption's own.
     """
     settings = resolved_settings(params, settings)
     vocab = load_vocab(captions_dir / VOCAB_FILE)
+    concepts = read_concepts(captions_dir)
     train_store, val_store = RegionStore(regions_dir / "train"), RegionStore(regions_dir / "val")
-    train_captions = with_regions(read_captions(captions_dir, "train"), train_store, "train")
-    val_captions = first_images(with_regions(read_captions(captions_dir, "val"), val_store, "val"), VALIDATION_IMAGES)
 
     torch.manual_seed(settings.seed)
-    matcher = build_matcher(params, feature_dim=train_store.feature_dim, vocab_size=len(vocab)).to(device)
+    inputs = MatcherInputs(train_store.feature_dim, len(vocab), concepts)
+    matcher = build_matcher(params, inputs).to(device)
+    labelled = matcher.n_concepts > 0
+    train_captions = with_regions(read_captions(captions_dir, "train", concepts=labelled), train_store, "train")
+    if labelled:
+        train_captions = image_concepts(train_captions)
+    val_captions = with_regions(read_captions(captions_dir, "val", concepts=labelled), val_store, "val")
+    val_captions = first_images(val_captions, VALIDATION_IMAGES)
     pairs = CaptionRegionPairs(train_captions, train_store)
 
     def batches(epoch: int) -> DataLoader:
@@ -96,7 +110,7 @@ def train_matcher(
             shuffle=True,
             drop_last=len(pairs) > settings.batch_size,
             generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch),
-            collate_fn=collate_pairs,
+            collate_fn=PairCollator(matcher.n_concepts),
             num_workers=workers,
         )
 
@@ -105,6 +119,7 @@ def train_matcher(
 
     identity = {"name": name, "params": params.model_dump(mode="json"), "train": settings.model_dump(mode="json")}
     data = _digest(captions_file(captions_dir, "train"), regions_dir / "train" / REGIONS_FILE) + vocab.digest()
+    data += concepts.digest() if labelled else ""
     run_id = hashlib.sha256((json.dumps(identity, sort_keys=True) + data).encode()).hexdigest()[:16]
     result = fit(
         matcher, batches, validate, settings, work_dir=work_dir, run_id=run_id, tracker=tracker, device=device,
@@ -119,6 +134,7 @@ def train_matcher(
         "feature_dim": train_store.feature_dim,
         "vocab_size": len(vocab),
         "vocab_digest": vocab.digest(),
+        "concepts_digest": concepts.digest() if labelled else None,
         "regions": train_store.info,
         "git_revision": git_revision(),
         "best_epoch": result.best_epoch,
@@ -126,7 +142,8 @@ def train_matcher(
         "mlflow_run_id": tracker.run_id,
     }
     with staged_dir(out_dir) as staging:
-        save_matcher(staging, {k: v.cpu() if torch.is_tensor(v) else v for k, v in result.best_state.items()}, card)
+        weights = {key: value.cpu() if torch.is_tensor(value) else value for key, value in result.best_state.items()}
+        save_matcher(staging, weights, card, concepts if labelled else None)
     tracker.log_metrics({f"best/val_{key}": value for key, value in result.best_metrics.items()})
     tracker.log_dict({"matcher": card["params"], "train": card["train"]}, "config.json")  # the resolved config
     tracker.log_artifact(out_dir / "model.pt")

@@ -1,8 +1,9 @@
 """A trained matcher on disk: `models/<matcher>/model.pt` rebuilds itself from what it stores.
 
 The file holds the best weights, the resolved params block (with its `kind`), the region feature size, the
-vocabulary size and digest, the git revision and the validation figures; `card.json` beside it repeats everything
-but the weights, plus the MLflow run id.
+vocabulary size and digest, the git revision and the validation figures, and for a concept-aware matcher the concept
+vocabulary with its co-occurrence counts; `card.json` beside it repeats everything but the weights and the concepts,
+plus the MLflow run id.
 """
 
 from __future__ import annotations
@@ -11,29 +12,44 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import TypeAdapter
 
 from itm.atomic import staged_file
 from itm.config import MatcherParams
+from itm.data.concepts import Concepts
 from itm.errors import UserError
-from itm.models import Matcher, build_matcher
+from itm.models import Matcher, MatcherInputs, build_matcher
 
 MODEL_FILE = "model.pt"
 CARD_FILE = "card.json"
 
 
-def save_matcher(folder: Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
-    """Write `model.pt` (weights + card) and `card.json` into `folder`."""
+def save_matcher(
+    folder: Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any], concepts: Concepts | None = None
+) -> None:
+    """Write `model.pt` (weights + card, and the concept vocabulary of a concept-aware matcher) and `card.json`."""
     folder.mkdir(parents=True, exist_ok=True)
+    saved: dict[str, Any] = {"state_dict": state_dict, "card": card}
+    if concepts is not None:
+        saved["concepts"] = {
+            "words": list(concepts.words),
+            "caption_counts": list(concepts.caption_counts),
+            "cooccurrence": torch.from_numpy(np.ascontiguousarray(concepts.cooccurrence, dtype=np.int64)),
+            "n_captions": concepts.n_captions,
+        }
     with staged_file(folder / MODEL_FILE) as tmp:
-        torch.save({"state_dict": state_dict, "card": card}, tmp)
+        torch.save(saved, tmp)
     with staged_file(folder / CARD_FILE) as tmp:
         tmp.write_text(json.dumps(card, indent=1))
 
 
-def load_matcher(folder: Path, device: torch.device, *, vocab_digest: str | None = None) -> tuple[Matcher, dict]:
-    """The saved matcher in eval mode, and its card; refuses a model trained on another vocabulary."""
+def load_matcher(
+    folder: Path, device: torch.device, *, vocab_digest: str | None = None, concepts_digest: str | None = None
+) -> tuple[Matcher, dict]:
+    """The saved matcher in eval mode, and its card; refuses a model trained on another vocabulary or (when
+    `concepts_digest` is given and the model uses concepts) another concept vocabulary."""
     path = folder / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found (run the train stage first)")
@@ -43,7 +59,20 @@ def load_matcher(folder: Path, device: torch.device, *, vocab_digest: str | None
         raise UserError(
             f"{path}: trained with vocabulary {card['vocab_digest']}, but the captions use {vocab_digest}; retrain it"
         )
+    trained_concepts = card.get("concepts_digest")
+    if concepts_digest is not None and trained_concepts is not None and trained_concepts != concepts_digest:
+        raise UserError(
+            f"{path}: trained with concepts {trained_concepts}, but the captions use {concepts_digest}; retrain it"
+        )
     params = TypeAdapter(MatcherParams).validate_python(card["params"])
-    matcher = build_matcher(params, feature_dim=card["feature_dim"], vocab_size=card["vocab_size"])
+    stored = saved.get("concepts")
+    concepts = None
+    if stored is not None:
+        concepts = Concepts(
+            tuple(stored["words"]), tuple(stored["caption_counts"]), stored["cooccurrence"].numpy(),
+            stored["n_captions"],
+        )  # fmt: skip
+    inputs = MatcherInputs(card["feature_dim"], card["vocab_size"], concepts, read_pretrained=False)
+    matcher = build_matcher(params, inputs)
     matcher.load_state_dict(saved["state_dict"])
     return matcher.to(device).eval(), card
