@@ -345,8 +345,29 @@ class MhCvseParams(CvseParams):
         return self
 
 
+class MvamParams(MatcherCommon):
+    """MVAM (Cui et al., arXiv 2402.17237): multi-view attention pooling on a two-stream matcher; retrieval stays
+    one dot product. The paper's full text was not available; choices are documented in itm/models/mvam.py."""
+
+    kind: Literal["mvam"]
+    bidirectional: bool = True  # bi-GRU, directions averaged
+    views: int = Field(16, ge=1)  # m: view codes per modality (the paper's visualisation shows 16)
+    view_dim: int | None = Field(None, ge=1)  # size of one view; null: embed_dim // views (same total size for any m)
+    diversity: Literal["full", "off_diagonal"] = "full"  # ||A A^T - I||^2, or its off-diagonal entries only
+    diversity_weight: float = Field(0.1, ge=0.0)
+    objective: Literal["infonce", "hinge"] = "infonce"  # symmetric InfoNCE (two-stream convention) or VSE++ hinge
+    temperature_init: float = Field(0.07, gt=0.0)  # InfoNCE: the learnable logit scale starts at 1 / this (CLIP)
+    max_logit_scale: float = Field(100.0, gt=0.0)  # InfoNCE: the logit scale is clamped here (CLIP)
+
+    @model_validator(mode="after")
+    def _views_fit(self) -> MvamParams:
+        if self.view_dim is None and self.embed_dim < self.views:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be at least views ({self.views}), or set view_dim")
+        return self
+
+
 MatcherParams = Annotated[
-    VseppParams | ScanParams | UardaParams | CvseParams | MhCvseParams, Field(discriminator="kind")
+    VseppParams | ScanParams | UardaParams | CvseParams | MhCvseParams | MvamParams, Field(discriminator="kind")
 ]
 
 

@@ -102,7 +102,15 @@ MISTAKES = [
     ),
     (
         lambda r: r["matchers"]["vsepp"].update(kind="vse"),
-        "params.yaml: matchers.vsepp.kind: 'vse' is not one of 'vsepp', 'scan', 'uarda', 'cvse', 'mh_cvse'",
+        "params.yaml: matchers.vsepp.kind: 'vse' is not one of 'vsepp', 'scan', 'uarda', 'cvse', 'mh_cvse', 'mvam'",
+    ),
+    (
+        lambda r: r["matchers"]["mvam"].update(views=300),
+        "params.yaml: matchers.mvam: embed_dim (256) must be at least views (300), or set view_dim",
+    ),
+    (
+        lambda r: r["matchers"]["mvam"].update(objective="triplet"),
+        "params.yaml: matchers.mvam.objective: 'triplet' is not one of 'infonce', 'hinge'",
     ),
     (
         lambda r: r["matchers"]["mh_cvse"].update(heads=3),

@@ -106,7 +106,7 @@ def _evaluate(root: Path, name: str) -> dict[str, float]:
 
 
 DEFAULT_MATCHERS = {"vsepp": "vsepp", "scan_t2i_avg": "scan", "scan_i2t_lse": "scan", "uarda": "uarda",
-                    "cvse": "cvse", "mh_cvse": "mh_cvse"}  # fmt: skip
+                    "cvse": "cvse", "mh_cvse": "mh_cvse", "mvam": "mvam"}  # fmt: skip
 
 
 def test_the_default_matchers_are_all_tested() -> None:
