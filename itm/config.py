@@ -358,6 +358,12 @@ class MvamParams(MatcherCommon):
     objective: Literal["infonce", "hinge"] = "infonce"  # symmetric InfoNCE (two-stream convention) or VSE++ hinge
     temperature_init: float = Field(0.07, gt=0.0)  # InfoNCE: the learnable logit scale starts at 1 / this (CLIP)
     max_logit_scale: float = Field(100.0, gt=0.0)  # InfoNCE: the logit scale is clamped here (CLIP)
+    # own: projected bottom-up regions and bi-GRU words; open_clip: an open_clip model's vision tokens (of the
+    # image pixels, data/raw/<dataset>/images) and text tokens (its own tokenizer)
+    backbone: Literal["own", "open_clip"] = "own"
+    clip_model: str = "ViT-B-32"  # an open_clip model name (open_clip.list_models()), or clip_config's file stem
+    clip_config: str | None = None  # a JSON model config file to register first (e.g. a small custom model)
+    clip_checkpoint: str | None = None  # local weights for clip_model; null: random initialisation
 
     @model_validator(mode="after")
     def _views_fit(self) -> MvamParams:

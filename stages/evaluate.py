@@ -21,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="models/<matcher>")
     parser.add_argument("--regions", type=Path, required=True, help="data/regions")
     parser.add_argument("--captions", type=Path, required=True, help="data/captions")
+    parser.add_argument("--dataset", type=Path, help="data/raw/<dataset>, for matchers that read the images themselves")
     parser.add_argument("--scores", type=Path, required=True, help="test similarity matrix to write (.npz)")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics/<matcher>.json")
     parser.add_argument("--plots", type=Path, required=True, help="plots/<matcher>")
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size,
             amp=params.train.amp,
             completion=completion,
+            dataset_dir=args.dataset,
         )
         tracker.log_metrics(figures)
         write_json(args.metrics, figures)

@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--matcher", required=True, help="a key of `matchers` in params.yaml")
     parser.add_argument("--regions", type=Path, required=True, help="data/regions")
     parser.add_argument("--captions", type=Path, required=True, help="data/captions")
+    parser.add_argument("--dataset", type=Path, help="data/raw/<dataset>, for matchers that read the images themselves")
     parser.add_argument("--out", type=Path, required=True, help="models/<matcher>")
     parser.add_argument("--work", type=Path, required=True, help="resumable checkpoint folder")
     parser.add_argument("--workers", type=int, default=min(2, default_workers()), help="batch loading processes")
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             tracker=tracker,
             device=default_device(),
             workers=args.workers,
+            dataset_dir=args.dataset,
         )
 
 

@@ -17,6 +17,7 @@ from itm.config import MatcherParams
 from itm.data.concepts import Concepts
 from itm.data.glove import read_word_vectors
 from itm.data.loaders import CaptionTable, PairCollator, image_concepts
+from itm.data.regions import pad_regions
 from itm.errors import UserError
 from itm.evaluate.completion import ConceptCompletion, image_windows, text_neighbours
 from itm.models import MatcherInputs, build_matcher
@@ -279,8 +280,8 @@ def test_the_text_side_mixes_labels_by_beta() -> None:
     )
     matcher = build_matcher(params, MatcherInputs(5, 10, _concepts(("a", "b", "c")))).eval()
     labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
-    captions = PairCollator(3)([(np.zeros((1, 5), np.float16), [1, 2, 3], [0]), (np.zeros((1, 5), np.float16),
-                                                                                  [1, 4], [1, 2])])[1]  # fmt: skip
+    image = np.zeros((1, 5), np.float16)
+    captions = PairCollator(pad_regions, 3)([(image, [1, 2, 3], [0]), (image, [1, 4], [1, 2])])[1]
     _close(captions.concepts, labels)
     with torch.no_grad():
         encoded = matcher.encode_text(captions)

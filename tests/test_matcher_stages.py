@@ -20,6 +20,7 @@ import yaml
 
 from itm.data.records import read_dataset_json
 from itm.data.regions import ImageRegions, write_store
+from itm.errors import UserError
 from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.run import SplitScores
 from itm.train import loop
@@ -27,6 +28,7 @@ from itm.train.loop import CHECKPOINT
 from itm.train.saved import load_matcher
 from stages import ensemble, evaluate, tokenize, train
 from tests.conftest import REPO, TINY_SYNTHETIC
+from tests.test_mvam import TINY_CLIP
 
 TINY_MATCHER = {"embed_dim": 32, "word_dim": 16}
 
@@ -57,6 +59,11 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: Path) -> 
     for block in raw["matchers"].values():
         block |= TINY_MATCHER | {"epochs": None}
     raw["matchers"]["mh_cvse"] |= {"epochs": 3, "heads": 4}  # a third epoch: the first with new DWA weights
+    clip_config = root / "itm-stage-clip.json"
+    clip_config.write_text(json.dumps(TINY_CLIP))
+    raw["matchers"]["mvam_clip"] = raw["matchers"]["mvam"] | {
+        "views": 4, "backbone": "open_clip", "clip_model": "itm-stage-clip", "clip_config": str(clip_config)
+    }  # fmt: skip
     raw["train"] |= {"epochs": 2, "batch_size": 32, "learning_rate": 1.0e-3}
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
@@ -96,12 +103,12 @@ def _train(root: Path, name: str, *extra: str) -> None:
                 "--work", str(root / "work" / name), "--workers", "0", *extra])  # fmt: skip
 
 
-def _evaluate(root: Path, name: str) -> dict[str, float]:
+def _evaluate(root: Path, name: str, *extra: str) -> dict[str, float]:
     evaluate.main(["--params", str(root / "params.yaml"), "--matcher", name, "--model", str(root / "models" / name),
                    "--regions", str(root / "data/regions"), "--captions", str(root / "data/captions"),
                    "--scores", str(root / "scores" / f"{name}.npz"),
                    "--metrics", str(root / "metrics" / f"{name}.json"),
-                   "--plots", str(root / "plots" / name)])  # fmt: skip
+                   "--plots", str(root / "plots" / name), *extra])  # fmt: skip
     return json.loads((root / "metrics" / f"{name}.json").read_text())
 
 
@@ -142,6 +149,19 @@ def test_train_then_evaluate_each_default_matcher(prepared: Path, name: str) -> 
         assert figures["test/transductive_concepts"] == 0.0
     else:
         assert "test/transductive_concepts" not in figures
+
+
+def test_mvam_over_open_clip_reads_the_raw_images(prepared: Path, tiny_synthetic: Path) -> None:
+    """The open_clip backbone trains on the pixels of data/raw/<dataset>/images and its own tokens, and evaluates
+    with one dot product per pair; without --dataset the stage says what is missing."""
+    _train(prepared, "mvam_clip", "--dataset", str(tiny_synthetic))
+    card = json.loads((prepared / "models" / "mvam_clip" / "card.json").read_text())
+    assert card["images"]["source"] == "pixels" and card["images"]["size"] == 64
+    figures = _evaluate(prepared, "mvam_clip", "--dataset", str(tiny_synthetic))
+    n_images = TINY_SYNTHETIC["splits"]["test"]
+    assert figures["test/images"] == n_images and figures["test/rsum"] > 0
+    with pytest.raises(UserError, match="pass --dataset data/raw/<dataset>"):
+        _evaluate(prepared, "mvam_clip")
 
 
 def test_mh_cvse_saves_its_loss_weights_schedule_and_concepts(prepared: Path) -> None:

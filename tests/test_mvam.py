@@ -3,7 +3,9 @@ vector's dot product as the mean per-view cosine, InfoNCE by hand, and the expor
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,10 @@ from pydantic import TypeAdapter
 from torch import Tensor
 
 from itm.config import MatcherParams
-from itm.models import MatcherInputs, build_matcher
-from itm.models.base import Captions, Regions
+from itm.data.loaders import pad_captions
+from itm.errors import UserError
+from itm.models import Matcher, MatcherInputs, build_matcher
+from itm.models.base import Captions, Pixels, Regions
 from itm.models.encoders import l2norm
 from itm.models.mvam import InfoNceLoss, MultiViewAttention, diversity_penalty
 
@@ -123,3 +127,65 @@ def test_mvam_trains_exports_views_and_scores_by_one_product(objective: str) -> 
     assert region_views.shape == (5, 4, 3) and word_views.shape == (5, 4, 6)
     _close(word_views.sum(-1), torch.ones(5, 4), atol=1e-5)
     assert float(word_views[4, :, 2:].sum()) == 0  # caption 4 has 2 tokens
+
+
+# --- the open_clip backbone ----------------------------------------------------------------------------------------
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 16, "image_size": 64},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture
+def tiny_clip(tmp_path: Path) -> dict[str, object]:
+    """mvam params over a randomly initialised 1-layer open_clip model (config written as a JSON file)."""
+    config = tmp_path / "itm-tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    return {"kind": "mvam", "embed_dim": 32, "views": 4, "backbone": "open_clip", "clip_model": "itm-tiny-clip",
+            "clip_config": str(config)}  # fmt: skip
+
+
+def _mvam(params: dict[str, object], **inputs: object) -> Matcher:
+    return build_matcher(TypeAdapter(MatcherParams).validate_python(params), MatcherInputs(6, 20, **inputs))
+
+
+def test_open_clip_backbone_trains_on_pixels_and_its_own_tokens(tiny_clip: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    matcher = _mvam(tiny_clip)
+    assert matcher.pixels is not None and matcher.pixels.size == 64
+    token_ids = matcher.tokenizer(["a red star left of a blue circle", "two shapes"])
+    assert token_ids[1][0] == 49406 and token_ids[1][-1] == 49407 and len(token_ids[1]) == 4  # <sot> two shapes <eot>
+    captions, pixels = pad_captions(token_ids), Pixels(torch.randn(2, 3, 64, 64))
+    terms = matcher.train()(pixels, captions)
+    terms["loss"].backward()
+    for name, parameter in matcher.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    matcher.eval()
+    with torch.no_grad():
+        images, texts = matcher.encode_image(pixels), matcher.encode_text(captions)
+        _close(matcher.score(images, texts), images.pooled @ texts.pooled.T)
+        assert matcher.image_encoder.view_attention(pixels).shape == (2, 4, 16)  # 4 views over 4 x 4 patches
+        word_views = matcher.text_encoder.view_attention(captions)
+    assert word_views.shape == (2, 4, 10) and float(word_views[1, :, 4:].sum()) == 0
+
+
+def test_open_clip_checkpoint_is_loaded_and_bad_paths_are_named(tiny_clip: dict[str, object], tmp_path: Path) -> None:
+    import open_clip
+
+    _mvam(tiny_clip)  # registers the fixture's config
+    reference = open_clip.create_model("itm-tiny-clip")
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(reference.state_dict(), checkpoint)
+    loaded = _mvam({**tiny_clip, "clip_checkpoint": str(checkpoint)})
+    _close(loaded.image_encoder.visual.conv1.weight, reference.visual.conv1.weight)
+    _close(loaded.text_encoder.token_embedding.weight, reference.token_embedding.weight)
+    rebuilt = _mvam({**tiny_clip, "clip_checkpoint": str(checkpoint)}, read_pretrained=False)  # a saved model
+    assert not torch.equal(rebuilt.image_encoder.visual.conv1.weight, reference.visual.conv1.weight)
+    with pytest.raises(UserError, match="clip_checkpoint not found"):
+        _mvam({**tiny_clip, "clip_checkpoint": str(tmp_path / "missing.pt")})
+    with pytest.raises(UserError, match="open_clip model config not found"):
+        _mvam({**tiny_clip, "clip_config": str(tmp_path / "missing.json")})
+    with pytest.raises(UserError, match="'no-such-model' is not an open_clip model"):
+        _mvam({**tiny_clip, "clip_model": "no-such-model", "clip_config": None})

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import torch
 from torch.utils.data import Dataset
 
 from itm.data.captions import captions_file, read_concept_labels
+from itm.data.pixels import ImageStore, PixelStore
 from itm.data.regions import RegionStore
 from itm.errors import UserError
-from itm.models.base import Captions, Regions
+from itm.models.base import Captions, Matcher, Pixels, Regions, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class CaptionTable:
     image_ids: np.ndarray  # [N] int64
     token_ids: list[list[int]]
     concept_ids: list[list[int]] | None = None  # per caption, ids into the concept vocabulary
+    texts: list[str] | None = None  # the raw captions
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -35,18 +38,26 @@ class CaptionTable:
     def select(self, keep: np.ndarray) -> CaptionTable:
         """The captions where the boolean `keep` [N] is True, in order."""
         rows = np.flatnonzero(keep).tolist()
+
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[row] for row in rows]
+
         return CaptionTable(
-            self.caption_ids[keep],
-            self.image_ids[keep],
-            [self.token_ids[row] for row in rows],
-            None if self.concept_ids is None else [self.concept_ids[row] for row in rows],
-        )
+            self.caption_ids[keep], self.image_ids[keep], pick(self.token_ids), pick(self.concept_ids),
+            pick(self.texts),
+        )  # fmt: skip
 
     def with_concepts(self, concept_ids: list[list[int]]) -> CaptionTable:
         """The same captions with other concept labels (one list per caption)."""
         if len(concept_ids) != len(self):
             raise ValueError(f"{len(concept_ids)} concept lists for {len(self)} captions")
-        return CaptionTable(self.caption_ids, self.image_ids, self.token_ids, concept_ids)
+        return dataclasses.replace(self, concept_ids=concept_ids)
+
+    def tokenized(self, tokenizer: Tokenizer) -> CaptionTable:
+        """The same captions with token ids from `tokenizer` applied to their text (a backbone's own tokenizer)."""
+        if self.texts is None:
+            raise ValueError("the captions were read without their text")
+        return dataclasses.replace(self, token_ids=tokenizer(self.texts))
 
 
 def read_captions(captions_dir: Path, split: str, *, concepts: bool = False) -> CaptionTable:
@@ -54,7 +65,7 @@ def read_captions(captions_dir: Path, split: str, *, concepts: bool = False) -> 
     path = captions_file(captions_dir, split)
     if not path.is_file():
         raise UserError(f"{path}: not found (run the tokenize stage first)")
-    table = pq.read_table(path, columns=["caption_id", "image_id", "token_ids"])
+    table = pq.read_table(path, columns=["caption_id", "image_id", "token_ids", "text"])
     caption_ids = table.column("caption_id").to_numpy()
     concept_ids = None
     if concepts:
@@ -68,6 +79,7 @@ def read_captions(captions_dir: Path, split: str, *, concepts: bool = False) -> 
         image_ids=table.column("image_id").to_numpy(),
         token_ids=table.column("token_ids").to_pylist(),
         concept_ids=concept_ids,
+        texts=table.column("text").to_pylist(),
     )
 
 
@@ -92,17 +104,6 @@ def with_regions(captions: CaptionTable, store: RegionStore, split: str) -> Capt
         missing = len(np.unique(captions.image_ids[~keep]))
         log.warning("%s: %d images have no regions (see failures.parquet); their captions are left out", split, missing)
     return captions.select(keep)
-
-
-def pad_regions(features: Sequence[np.ndarray]) -> Regions:
-    """Stack per-image [n_i, D] region features into [B, R, D] with a [B, R] mask (R = max n_i)."""
-    longest = max(len(f) for f in features)
-    batch = np.zeros((len(features), longest, features[0].shape[1]), dtype=np.float16)
-    mask = torch.zeros(len(features), longest, dtype=torch.bool)
-    for row, f in enumerate(features):
-        batch[row, : len(f)] = f
-        mask[row, : len(f)] = True
-    return Regions(torch.from_numpy(batch), mask)
 
 
 def pad_captions(
@@ -145,11 +146,28 @@ class CaptionRegionPairs(Dataset):
 
 
 class PairCollator:
-    """An aligned batch from dataset items: image i matches caption i; concept labels when `n_concepts` > 0."""
+    """An aligned batch from dataset items: image i matches caption i, the images batched by their store's
+    `collate` (padded regions, or stacked pixels); concept labels when `n_concepts` > 0."""
 
-    def __init__(self, n_concepts: int = 0) -> None:
+    def __init__(self, collate_images: Callable[[Sequence[np.ndarray]], Regions | Pixels], n_concepts: int = 0) -> None:
+        self.collate_images = collate_images
         self.n_concepts = n_concepts
 
-    def __call__(self, items: list[PairItem]) -> tuple[Regions, Captions]:
+    def __call__(self, items: list[PairItem]) -> tuple[Regions | Pixels, Captions]:
         features, tokens, concepts = zip(*items, strict=True)
-        return pad_regions(features), pad_captions(tokens, concepts, self.n_concepts)
+        return self.collate_images(features), pad_captions(tokens, concepts, self.n_concepts)
+
+
+def image_store(matcher: Matcher, regions_dir: Path, dataset_dir: Path | None, split: str) -> ImageStore:
+    """Where `matcher` reads one split's images: the bottom-up region store, or (for a matcher that reads pixels)
+    the downloaded dataset's image files."""
+    if matcher.pixels is None:
+        return RegionStore(regions_dir / split)
+    if dataset_dir is None:
+        raise UserError("this matcher reads the images themselves: pass --dataset data/raw/<dataset>")
+    return PixelStore(dataset_dir, matcher.pixels)
+
+
+def captions_for(matcher: Matcher, captions: CaptionTable) -> CaptionTable:
+    """`captions` with the token ids `matcher` reads: the pipeline vocabulary's, or its own tokenizer's."""
+    return captions if matcher.tokenizer is None else captions.tokenized(matcher.tokenizer)

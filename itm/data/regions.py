@@ -14,7 +14,7 @@ Adaptive (10..100) and fixed (36) box counts share this format.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from itm.errors import UserError
+from itm.models.base import Regions
 
 FEATURES_FILE = "features.npy"
 REGIONS_FILE = "regions.parquet"
@@ -142,8 +144,21 @@ def write_store(
     writer.close()
 
 
+def pad_regions(features: Sequence[np.ndarray]) -> Regions:
+    """Stack per-image [n_i, D] region features into [B, R, D] with a [B, R] mask (R = max n_i)."""
+    longest = max(len(f) for f in features)
+    batch = np.zeros((len(features), longest, features[0].shape[1]), dtype=np.float16)
+    mask = torch.zeros(len(features), longest, dtype=torch.bool)
+    for row, f in enumerate(features):
+        batch[row, : len(f)] = f
+        mask[row, : len(f)] = True
+    return Regions(torch.from_numpy(batch), mask)
+
+
 class RegionStore:
     """Read access to one split folder; features stay on disk (memory-mapped)."""
+
+    collate = staticmethod(pad_regions)  # a batch of `features_of` arrays -> Regions
 
     def __init__(self, folder: Path) -> None:
         for name in (FEATURES_FILE, REGIONS_FILE, STORE_FILE):

@@ -12,8 +12,7 @@ import torch
 
 from itm.atomic import staged_file
 from itm.data.captions import VOCAB_FILE, read_concepts
-from itm.data.loaders import read_captions, with_regions
-from itm.data.regions import RegionStore
+from itm.data.loaders import captions_for, image_store, read_captions, with_regions
 from itm.data.vocab import load_vocab
 from itm.errors import UserError
 from itm.evaluate.completion import ConceptCompletion
@@ -72,19 +71,23 @@ def evaluate_matcher(
     batch_size: int,
     amp: bool,
     completion: ConceptCompletion | None = None,
+    dataset_dir: Path | None = None,
 ) -> dict[str, float]:
     """Score the whole test gallery, save the matrix, and return the protocol figures and retrieval times.
 
     A concept-aware matcher labels each test caption with the concepts of its own words, completed transductively
     from neighbouring test captions when `completion` is given; its figures then include
-    `test/transductive_concepts` (1 or 0) to say which was used.
+    `test/transductive_concepts` (1 or 0) to say which was used. A matcher that reads pixels reads the test
+    images from `dataset_dir` (data/raw/<dataset>).
     """
     vocab = load_vocab(captions_dir / VOCAB_FILE)
     concepts = read_concepts(captions_dir)
     matcher, _ = load_matcher(model_dir, device, vocab_digest=vocab.digest(), concepts_digest=concepts.digest())
     labelled = matcher.n_concepts > 0
-    store = RegionStore(regions_dir / "test")
-    captions = with_regions(read_captions(captions_dir, "test", concepts=labelled), store, "test")
+    store = image_store(matcher, regions_dir, dataset_dir, "test")
+    captions = captions_for(
+        matcher, with_regions(read_captions(captions_dir, "test", concepts=labelled), store, "test")
+    )
     scored, image_ids, caption_image = score_split(
         matcher, store, captions, batch_size=batch_size, device=device, amp=amp, completion=completion
     )

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from itm.data.loaders import CaptionTable, pad_captions, pad_regions
-from itm.data.regions import RegionStore
+from itm.data.loaders import CaptionTable, pad_captions
+from itm.data.pixels import ImageStore
 from itm.evaluate.completion import ConceptCompletion
-from itm.models.base import Captions, Encoded, Matcher, Regions
+from itm.models.base import Captions, Encoded, Matcher, Pixels, Regions
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Scored:
 
 
 def encode_images(
-    matcher: Matcher, store: RegionStore, image_ids: Sequence[int], *, batch_size: int, device: torch.device
+    matcher: Matcher, store: ImageStore, image_ids: Sequence[int], *, batch_size: int, device: torch.device
 ) -> TimedEncoded:
     """Encode the images `image_ids` (rows in that order), `batch_size` at a time, in eval mode without gradients.
 
@@ -61,9 +61,9 @@ def encode_images(
     if missing:
         raise ValueError(f"{len(missing)} images are not in the region store {store.folder}, e.g. {missing[0]}")
 
-    def batches() -> Iterator[Regions]:
+    def batches() -> Iterator[Regions | Pixels]:
         for start in range(0, len(image_ids), batch_size):
-            yield pad_regions([store.features_of(image_id) for image_id in image_ids[start : start + batch_size]])
+            yield store.collate([store.features_of(image_id) for image_id in image_ids[start : start + batch_size]])
 
     return _encode(matcher, matcher.encode_image, batches(), _n_batches(len(image_ids), batch_size), device, "images")
 
@@ -142,7 +142,7 @@ def score_matrix(
 
 def score_split(
     matcher: Matcher,
-    store: RegionStore,
+    store: ImageStore,
     captions: CaptionTable,
     *,
     batch_size: int,

@@ -7,6 +7,7 @@ size, E joint embedding size.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,29 @@ class Regions:
 
     def to(self, device: torch.device) -> Regions:
         return Regions(self.features.to(device, non_blocking=True), self.mask.to(device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """A batch of whole images as normalised pixels, for backbones that see the image itself (e.g. CLIP)."""
+
+    images: Tensor  # [B, 3, H, W] float
+
+    def to(self, device: torch.device) -> Pixels:
+        return Pixels(self.images.to(device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """How a pixel-reading matcher wants its images: square `size`, per-channel `mean` and `std` after scaling to
+    [0, 1] (resize the shorter side, centre crop, normalise)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+Tokenizer = Callable[[Sequence[str]], list[list[int]]]
 
 
 @dataclass(frozen=True)
@@ -70,16 +94,18 @@ class Encoded:
 class Matcher(nn.Module):
     """Image-text matcher assembled from its parts.
 
-    - `image_encoder(Regions) -> Encoded` and `text_encoder(Captions) -> Encoded` embed each side independently,
-      so a gallery is encoded once;
+    - `image_encoder(Regions or Pixels) -> Encoded` and `text_encoder(Captions) -> Encoded` embed each side
+      independently, so a gallery is encoded once;
     - `scorer(images: Encoded, captions: Encoded) -> [n_images, n_captions]` scores every pair (higher = better);
       in training mode it may assume the batch is aligned (image i matches caption i), e.g. to update statistics;
     - `loss(scores [B, B], images, captions) -> {"loss": total, ...named terms}` with the matches on the diagonal;
       the encodings are there for losses with terms beyond the scores (CVSE's per-level rankings and KL term).
 
     `n_concepts` > 0 declares that the text encoder reads `Captions.concepts` over that many concepts, so data
-    loaders attach them. A loss may define `end_epoch() -> {name: value}`, called after each training epoch
-    (e.g. to re-weight its terms); what it returns is logged with the epoch's figures.
+    loaders attach them. `pixels` declares that the image encoder reads `Pixels` (prepared as the spec says)
+    instead of bottom-up `Regions`; `tokenizer` that the text encoder reads its own token ids of the caption
+    text instead of the pipeline vocabulary's. A loss may define `end_epoch() -> {name: value}`, called after each
+    training epoch (e.g. to re-weight its terms); what it returns is logged with the epoch's figures.
     """
 
     def __init__(
@@ -90,6 +116,8 @@ class Matcher(nn.Module):
         loss: nn.Module,
         *,
         n_concepts: int = 0,
+        pixels: PixelSpec | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -97,9 +125,11 @@ class Matcher(nn.Module):
         self.scorer = scorer
         self.loss = loss
         self.n_concepts = n_concepts
+        self.pixels = pixels
+        self.tokenizer = tokenizer
 
-    def encode_image(self, regions: Regions) -> Encoded:
-        return self.image_encoder(regions)
+    def encode_image(self, images: Regions | Pixels) -> Encoded:
+        return self.image_encoder(images)
 
     def encode_text(self, captions: Captions) -> Encoded:
         return self.text_encoder(captions)
@@ -108,9 +138,9 @@ class Matcher(nn.Module):
         """[n_images, n_captions] similarity of every image with every caption."""
         return self.scorer(images, captions)
 
-    def forward(self, regions: Regions, captions: Captions) -> dict[str, Tensor]:
+    def forward(self, image_batch: Regions | Pixels, captions: Captions) -> dict[str, Tensor]:
         """Training step on an aligned batch: the named loss terms, total under "loss"."""
-        images, texts = self.encode_image(regions), self.encode_text(captions)
+        images, texts = self.encode_image(image_batch), self.encode_text(captions)
         return self.loss(self.score(images, texts), images, texts)
 
     def end_epoch(self) -> dict[str, float]:

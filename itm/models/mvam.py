@@ -17,12 +17,18 @@ The paper's full text was not available (methods.md §2.6: abstract and reviews)
   mean of the image→text and text→image cross-entropies), or the VSE++ hinge of the other matchers for a
   like-for-like comparison; the diversity term is reduced like the objective (mean for InfoNCE, sum for the
   hinge, which is summed over the batch);
-- the backbone is this project's two-stream encoders: projected bottom-up regions, bi-GRU words.
+- backbones (`backbone`): this project's two-stream encoders (projected bottom-up regions, bi-GRU words), or an
+  open_clip model, whose vision transformer's patch tokens and text transformer's token states (its own
+  tokenizer; states up to the end-of-text token) the views attend over. The open_clip model starts from random
+  weights unless `clip_checkpoint` names a local file; its own projection heads and logit scale are unused;
+- at retrieval only the joint vector is kept (no per-token states), so a COCO-sized gallery stays small.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itm.config import MvamParams
-from itm.models.base import Captions, Encoded, Matcher, Regions
+from itm.errors import UserError
+from itm.models.base import Captions, Encoded, Matcher, Pixels, PixelSpec, Regions, Tokenizer
 from itm.models.encoders import RegionEncoder, TextEncoder, l2norm
 from itm.models.losses import ContrastiveLoss
 from itm.models.registry import MatcherInputs, register_matcher
@@ -80,6 +87,13 @@ def diversity_penalty(attention: Tensor, mode: Diversity) -> Tensor:
     raise ValueError(f"diversity must be 'full' or 'off_diagonal', got {mode!r}")
 
 
+def _views_only(joint: Tensor, attention: Tensor, training: bool) -> Encoded:
+    """An encoding that carries the joint vector only (and, in training, the views' attention for the loss)."""
+    empty_mask = torch.zeros(len(joint), 0, dtype=torch.bool, device=joint.device)
+    extras = {"view_attention": attention} if training else {}
+    return Encoded(joint.new_zeros(len(joint), 0, 1), empty_mask, joint, extras)
+
+
 class MultiViewImageEncoder(nn.Module):
     """Bottom-up regions → unit region vectors → m views; the attention travels in `extras` in training only."""
 
@@ -89,8 +103,7 @@ class MultiViewImageEncoder(nn.Module):
 
     def forward(self, regions: Regions) -> Encoded:
         encoded = self.regions(regions)
-        joint, attention = self.views(encoded.local, encoded.mask)
-        return Encoded(encoded.local, encoded.mask, joint, {"view_attention": attention} if self.training else {})
+        return _views_only(*self.views(encoded.local, encoded.mask), self.training)
 
     def view_attention(self, regions: Regions) -> Tensor:
         """[B, m, R] attention of every view over the regions (for visualisation)."""
@@ -107,13 +120,95 @@ class MultiViewTextEncoder(nn.Module):
 
     def forward(self, captions: Captions) -> Encoded:
         encoded = self.words(captions)
-        joint, attention = self.views(encoded.local, encoded.mask)
-        return Encoded(encoded.local, encoded.mask, joint, {"view_attention": attention} if self.training else {})
+        return _views_only(*self.views(encoded.local, encoded.mask), self.training)
 
     def view_attention(self, captions: Captions) -> Tensor:
         """[B, m, L] attention of every view over the words (for visualisation)."""
         encoded = self.words(captions)
         return self.views.attention(encoded.local, encoded.mask)
+
+
+class ClipImageEncoder(nn.Module):
+    """An open_clip vision tower's patch tokens [B, N, w] → m views."""
+
+    def __init__(self, visual: nn.Module, views: MultiViewAttention) -> None:
+        super().__init__()
+        visual.output_tokens = True  # open_clip VisionTransformer: forward returns (pooled, tokens)
+        visual.proj = None  # CLIP's projection of the pooled token is not used
+        self.visual, self.views = visual, views
+
+    def tokens(self, pixels: Pixels) -> tuple[Tensor, Tensor]:
+        _, tokens = self.visual(pixels.images)  # [B, N, w]
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+    def forward(self, pixels: Pixels) -> Encoded:
+        return _views_only(*self.views(*self.tokens(pixels)), self.training)
+
+    def view_attention(self, pixels: Pixels) -> Tensor:
+        """[B, m, N] attention of every view over the patches (for visualisation)."""
+        return self.views.attention(*self.tokens(pixels))
+
+
+class ClipTextEncoder(nn.Module):
+    """An open_clip text transformer's token states [B, L, w] (causal, as CLIP's) → m views over the real tokens
+    (start-of-text to end-of-text). Token ids come from the model's own tokenizer."""
+
+    attn_mask: Tensor
+
+    def __init__(self, clip: nn.Module, views: MultiViewAttention) -> None:
+        super().__init__()
+        if not hasattr(clip, "token_embedding"):
+            raise UserError("open_clip models with a custom (e.g. Hugging Face) text tower are not supported")
+        self.token_embedding, self.positional_embedding = clip.token_embedding, clip.positional_embedding
+        self.transformer, self.ln_final = clip.transformer, clip.ln_final
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.views = views
+
+    def tokens(self, captions: Captions) -> tuple[Tensor, Tensor]:
+        context = self.positional_embedding.shape[0]
+        ids = F.pad(captions.tokens[:, :context], (0, max(context - captions.tokens.shape[1], 0)))  # [B, ctx]
+        states = self.token_embedding(ids) + self.positional_embedding  # as open_clip CLIP.encode_text
+        states = self.ln_final(self.transformer(states, attn_mask=self.attn_mask))  # [B, ctx, w]
+        length = min(captions.tokens.shape[1], context)
+        return states[:, :length], captions.mask[:, :length]
+
+    def forward(self, captions: Captions) -> Encoded:
+        return _views_only(*self.views(*self.tokens(captions)), self.training)
+
+    def view_attention(self, captions: Captions) -> Tensor:
+        """[B, m, L] attention of every view over the tokens (for visualisation)."""
+        return self.views.attention(*self.tokens(captions))
+
+
+def open_clip_parts(params: MvamParams, *, read_pretrained: bool) -> tuple[nn.Module, PixelSpec, Tokenizer]:
+    """The open_clip model `params.clip_model` (random, or `clip_checkpoint`'s weights when `read_pretrained`),
+    the pixel preparation it expects, and its tokenizer as token-id lists up to the end-of-text token."""
+    import open_clip  # imported here: only this backbone needs it
+
+    if params.clip_config is not None:
+        config = Path(params.clip_config)
+        if not config.is_file():
+            raise UserError(f"{config}: open_clip model config not found")
+        open_clip.add_model_config(config)
+    if params.clip_model not in open_clip.list_models():
+        raise UserError(f"clip_model {params.clip_model!r} is not an open_clip model (open_clip.list_models())")
+    checkpoint = params.clip_checkpoint if read_pretrained else None
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise UserError(f"{checkpoint}: clip_checkpoint not found")
+    model = open_clip.create_model(params.clip_model, pretrained=checkpoint)
+    preprocess = model.visual.preprocess_cfg
+    size = preprocess["size"]
+    spec = PixelSpec(
+        int(size if isinstance(size, int) else size[0]), tuple(preprocess["mean"]), tuple(preprocess["std"])
+    )
+    clip_tokenizer = open_clip.get_tokenizer(params.clip_model)
+
+    def tokenize(texts: Sequence[str]) -> list[list[int]]:
+        ids = clip_tokenizer(list(texts))  # [N, ctx], zero-padded after the end-of-text token
+        lengths = (ids != 0).sum(dim=1).tolist()
+        return [row[:length].tolist() for row, length in zip(ids, lengths, strict=True)]
+
+    return model, spec, tokenize
 
 
 class InfoNceLoss(nn.Module):
@@ -153,13 +248,25 @@ class MultiViewLoss(nn.Module):
 
 @register_matcher("mvam")
 def build_mvam(params: MvamParams, inputs: MatcherInputs) -> Matcher:
-    """MVAM over the project's two-stream encoders (projected regions, bi-GRU words)."""
+    """MVAM over the project's two-stream encoders (projected regions, bi-GRU words) or an open_clip model."""
     view_dim = params.view_dim or params.embed_dim // params.views
     if params.objective == "infonce":
         objective: nn.Module = InfoNceLoss(params.temperature_init, params.max_logit_scale)
         reduction = "mean"
     else:
         objective, reduction = ContrastiveLoss(params.margin, params.max_violation), "sum"
+    loss = MultiViewLoss(objective, params.diversity, params.diversity_weight, reduction)
+    if params.backbone == "open_clip":
+        clip, spec, tokenize = open_clip_parts(params, read_pretrained=inputs.read_pretrained)
+        return Matcher(
+            image_encoder=ClipImageEncoder(clip.visual, MultiViewAttention(clip.visual.transformer.width,
+                                                                           params.views, view_dim)),
+            text_encoder=ClipTextEncoder(clip, MultiViewAttention(clip.transformer.width, params.views, view_dim)),
+            scorer=CosineScorer(),
+            loss=loss,
+            pixels=spec,
+            tokenizer=tokenize,
+        )  # fmt: skip
     return Matcher(
         image_encoder=MultiViewImageEncoder(
             RegionEncoder(inputs.feature_dim, params.embed_dim, pool_first=False),
@@ -170,5 +277,5 @@ def build_mvam(params: MvamParams, inputs: MatcherInputs) -> Matcher:
             MultiViewAttention(params.embed_dim, params.views, view_dim),
         ),
         scorer=CosineScorer(),
-        loss=MultiViewLoss(objective, params.diversity, params.diversity_weight, reduction),
+        loss=loss,
     )

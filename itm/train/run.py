@@ -19,10 +19,13 @@ from itm.data.loaders import (
     CaptionRegionPairs,
     CaptionTable,
     PairCollator,
+    captions_for,
     image_concepts,
+    image_store,
     read_captions,
     with_regions,
 )
+from itm.data.pixels import ImageStore
 from itm.data.regions import REGIONS_FILE, RegionStore
 from itm.data.vocab import load_vocab
 from itm.evaluate.metrics import recall_metrics
@@ -53,7 +56,7 @@ def first_images(captions: CaptionTable, n_images: int) -> CaptionTable:
 
 
 def retrieval_figures(
-    matcher: Matcher, store: RegionStore, captions: CaptionTable, *, device: torch.device, batch_size: int
+    matcher: Matcher, store: ImageStore, captions: CaptionTable, *, device: torch.device, batch_size: int
 ) -> dict[str, float]:
     """Recall@K and rSum of `matcher` on the images of `captions` (every caption a query, every image one too)."""
     scored, _, caption_image = score_split(matcher, store, captions, batch_size=batch_size, device=device, amp=False)
@@ -79,26 +82,31 @@ def train_matcher(
     tracker: Tracker,
     device: torch.device,
     workers: int,
+    dataset_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train matcher `name` on the train split, select it on val rSum, and save it to `out_dir` with its card.
 
     `settings` are the shared `train:` params; the matcher's own `epochs` and `schedule`, when set, replace them.
-    Concept-aware matchers train on image-level concept labels and validate on each caption's own.
+    Concept-aware matchers train on image-level concept labels and validate on each caption's own. A matcher that
+    reads pixels reads the images of `dataset_dir` (data/raw/<dataset>) instead of the regions.
     """
     settings = resolved_settings(params, settings)
     vocab = load_vocab(captions_dir / VOCAB_FILE)
     concepts = read_concepts(captions_dir)
-    train_store, val_store = RegionStore(regions_dir / "train"), RegionStore(regions_dir / "val")
+    feature_dim = RegionStore(regions_dir / "train").feature_dim
 
     torch.manual_seed(settings.seed)
-    inputs = MatcherInputs(train_store.feature_dim, len(vocab), concepts)
+    inputs = MatcherInputs(feature_dim, len(vocab), concepts)
     matcher = build_matcher(params, inputs).to(device)
+    train_store = image_store(matcher, regions_dir, dataset_dir, "train")
+    val_store = image_store(matcher, regions_dir, dataset_dir, "val")
     labelled = matcher.n_concepts > 0
     train_captions = with_regions(read_captions(captions_dir, "train", concepts=labelled), train_store, "train")
     if labelled:
         train_captions = image_concepts(train_captions)
+    train_captions = captions_for(matcher, train_captions)
     val_captions = with_regions(read_captions(captions_dir, "val", concepts=labelled), val_store, "val")
-    val_captions = first_images(val_captions, VALIDATION_IMAGES)
+    val_captions = captions_for(matcher, first_images(val_captions, VALIDATION_IMAGES))
     pairs = CaptionRegionPairs(train_captions, train_store)
 
     def batches(epoch: int) -> DataLoader:
@@ -110,7 +118,7 @@ def train_matcher(
             shuffle=True,
             drop_last=len(pairs) > settings.batch_size,
             generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch),
-            collate_fn=PairCollator(matcher.n_concepts),
+            collate_fn=PairCollator(train_store.collate, matcher.n_concepts),
             num_workers=workers,
         )
 
@@ -120,6 +128,7 @@ def train_matcher(
     identity = {"name": name, "params": params.model_dump(mode="json"), "train": settings.model_dump(mode="json")}
     data = _digest(captions_file(captions_dir, "train"), regions_dir / "train" / REGIONS_FILE) + vocab.digest()
     data += concepts.digest() if labelled else ""
+    data += _digest(dataset_dir / "dataset.json") if matcher.pixels is not None and dataset_dir is not None else ""
     run_id = hashlib.sha256((json.dumps(identity, sort_keys=True) + data).encode()).hexdigest()[:16]
     result = fit(
         matcher, batches, validate, settings, work_dir=work_dir, run_id=run_id, tracker=tracker, device=device,
@@ -131,11 +140,11 @@ def train_matcher(
         "kind": params.kind,
         "params": params.model_dump(mode="json"),
         "train": settings.model_dump(mode="json"),
-        "feature_dim": train_store.feature_dim,
+        "feature_dim": feature_dim,
         "vocab_size": len(vocab),
         "vocab_digest": vocab.digest(),
         "concepts_digest": concepts.digest() if labelled else None,
-        "regions": train_store.info,
+        "images": train_store.info,
         "git_revision": git_revision(),
         "best_epoch": result.best_epoch,
         "val": result.best_metrics,

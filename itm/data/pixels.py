@@ -1,0 +1,74 @@
+"""Whole images as normalised pixels, for matchers whose backbone sees the image itself (MVAM over open_clip).
+
+`PixelStore` serves the same interface as `RegionStore` (`image_id in store`, `features_of`, `collate`, `folder`,
+`info`), so the loaders, the training loop and the evaluator serve both: an image is read from
+`data/raw/<dataset>/images/`, its shorter side resized to the spec's size (bicubic), centre-cropped to a square,
+scaled to [0, 1] and normalised per channel (open_clip's `image_transform` for evaluation, without augmentation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as transforms
+
+from itm.data.records import read_dataset_json
+from itm.errors import UserError
+from itm.models.base import Pixels, PixelSpec, Regions
+
+
+class ImageStore(Protocol):
+    """What loaders and the evaluator need from a source of images: membership, one image's array, batching."""
+
+    folder: Path
+    info: dict[str, Any]
+
+    def __contains__(self, image_id: int) -> bool: ...
+
+    def features_of(self, image_id: int) -> np.ndarray: ...
+
+    def collate(self, arrays: Sequence[np.ndarray]) -> Regions | Pixels: ...
+
+
+class PixelStore:
+    """The images of a downloaded dataset (`dataset.json` + `images/`), prepared as `spec` says."""
+
+    def __init__(self, dataset_dir: Path, spec: PixelSpec) -> None:
+        records = read_dataset_json(dataset_dir / "dataset.json")
+        self.folder = dataset_dir
+        self.spec = spec
+        self.info: dict[str, Any] = {"source": "pixels", "size": spec.size, "mean": spec.mean, "std": spec.std}
+        self._files = {record.imgid: dataset_dir / "images" / record.filename for record in records}
+        self._prepare = transforms.Compose(
+            [
+                transforms.Resize(spec.size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+                transforms.CenterCrop(spec.size),
+                transforms.ToImage(),
+                transforms.ToDtype(torch.float32, scale=True),
+                transforms.Normalize(list(spec.mean), list(spec.std)),
+            ]
+        )
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self._files
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def features_of(self, image_id: int) -> np.ndarray:
+        """[3, size, size] float32 normalised pixels of one image."""
+        path = self._files[image_id]
+        try:
+            with Image.open(path) as image:
+                return self._prepare(image.convert("RGB")).numpy()
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path}: cannot read image {image_id}: {error}") from None
+
+    @staticmethod
+    def collate(arrays: Sequence[np.ndarray]) -> Pixels:
+        return Pixels(torch.from_numpy(np.stack(arrays)))
