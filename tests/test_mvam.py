@@ -20,6 +20,7 @@ from itm.models import Matcher, MatcherInputs, build_matcher
 from itm.models.base import Captions, Pixels, Regions
 from itm.models.encoders import l2norm
 from itm.models.mvam import InfoNceLoss, MultiViewAttention, diversity_penalty
+from itm.views import pair_views
 
 
 def _close(actual: Tensor, expected: Tensor, atol: float = 1e-6) -> None:
@@ -189,3 +190,24 @@ def test_open_clip_checkpoint_is_loaded_and_bad_paths_are_named(tiny_clip: dict[
         _mvam({**tiny_clip, "clip_config": str(tmp_path / "missing.json")})
     with pytest.raises(UserError, match="'no-such-model' is not an open_clip model"):
         _mvam({**tiny_clip, "clip_model": "no-such-model", "clip_config": None})
+
+
+def test_pair_views_explain_the_score() -> None:
+    torch.manual_seed(0)
+    params = TypeAdapter(MatcherParams).validate_python({"kind": "mvam", "embed_dim": 32, "word_dim": 8, "views": 4})
+    matcher = build_matcher(params, MatcherInputs(6, 20)).train()
+    image = Regions(torch.randn(1, 3, 6).half(), torch.ones(1, 3, dtype=torch.bool))
+    caption = Captions(torch.randint(1, 20, (1, 5)), torch.tensor([5]))
+    views = pair_views(matcher, image, caption)
+    assert matcher.training  # the mode comes back
+    assert views.image_attention.shape == (4, 3) and views.caption_attention.shape == (4, 5)
+    matcher.eval()
+    with torch.no_grad():
+        score = float(matcher.score(matcher.encode_image(image), matcher.encode_text(caption)))
+    assert views.score == pytest.approx(score, abs=1e-6)
+    assert ((views.view_cosines >= -1 - 1e-6) & (views.view_cosines <= 1 + 1e-6)).all()
+    with pytest.raises(ValueError, match="one image and one caption"):
+        pair_views(matcher, image, Captions(torch.ones(2, 3, dtype=torch.int64), torch.tensor([3, 3])))
+    cosine_only = build_matcher(TypeAdapter(MatcherParams).validate_python({"kind": "vsepp"}), MatcherInputs(6, 20))
+    with pytest.raises(ValueError, match="not a multi-view matcher"):
+        pair_views(cosine_only, image, caption)
