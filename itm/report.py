@@ -142,3 +142,34 @@ def _number(value: object) -> str:
         return f"{value:,}"
     number = float(value)  # type: ignore[arg-type]
     return f"{number:.1f}" if abs(number) >= 1 or number == 0 else f"{number:.3f}"
+
+
+def recall_bars(table: pd.DataFrame, path: Path, protocol: str | None = None) -> None:
+    """Grouped bars of R@1, R@5, R@10 per model, one panel per direction, for one protocol (default: the first);
+    written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocol = protocol or str(table["protocol"].iloc[0])
+    rows = table[table["protocol"] == protocol]
+    if rows.empty:
+        raise ValueError(f"no rows for protocol {protocol!r}; the table has {sorted(set(table['protocol']))}")
+    names = list(rows["name"])
+    width = 0.8 / 3
+    figure, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(names) + 3), 4.2), sharey=True)
+    for axis, (side, title) in zip(axes, (("i2t", "image → text"), ("t2i", "text → image")), strict=True):
+        for offset, k in enumerate((1, 5, 10)):
+            positions = [i + (offset - 1) * width for i in range(len(names))]
+            axis.bar(positions, rows[f"{side}_r{k}"], width, label=f"R@{k}")
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        axis.set_title(f"{title} ({protocol})")
+        axis.set_ylim(0, 100)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("recall (%)")
+    axes[1].legend(loc="upper left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -62,3 +62,18 @@ def test_missing_inputs_are_named(tmp_path: Path) -> None:
     _save(tmp_path / "models", "a", "vsepp")
     with pytest.raises(UserError, match=r"a\.json: not found"):
         read_entries(tmp_path / "metrics", tmp_path / "models", ["a"], {})
+
+
+def test_recall_bars_are_written_per_protocol(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from itm.report import Entry, recall_bars
+
+    entries = [Entry(n, "single", "vsepp", _recalls("test_5k", b) | _recalls("test_5fold1k", b + 1), 1, None)
+               for n, b in (("a", 10.0), ("b", 40.0))]  # fmt: skip
+    table = comparison_table(entries)
+    recall_bars(table, tmp_path / "bars.png", protocol="test_5fold1k")
+    with Image.open(tmp_path / "bars.png") as image:
+        assert image.format == "PNG" and image.width > image.height > 300
+    with pytest.raises(ValueError, match="no rows for protocol 'test_1k'"):
+        recall_bars(table, tmp_path / "none.png", protocol="test_1k")
