@@ -128,6 +128,9 @@ def test_train_then_evaluate_each_default_matcher(prepared: Path, name: str) -> 
     assert card["name"] == name and card["kind"] == DEFAULT_MATCHERS[name]
     assert 1 <= card["best_epoch"] <= card["train"]["epochs"] and card["val"]["rsum"] > 0
     assert (card["concepts_digest"] is not None) == name.endswith("cvse")
+    assert len(card["history"]) == card["train"]["epochs"] and card["train_seconds"] > 0
+    assert card["train_seconds"] == pytest.approx(sum(epoch["train/epoch_seconds"] for epoch in card["history"]))
+    assert max(epoch["val/rsum"] for epoch in card["history"]) == card["val"]["rsum"]
     assert not (prepared / "work" / name / CHECKPOINT).exists()  # removed once the model is saved
     matcher, _ = load_matcher(model_dir, torch.device("cpu"))
     assert not matcher.training

@@ -74,6 +74,7 @@ def fit(
     for epoch in range(len(result.history), settings.epochs):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, epoch)
+        started = time.perf_counter()
         train_figures = _train_one_epoch(
             matcher, batches(epoch), optimizer, scaler, settings, device, amp, epoch, label
         )
@@ -81,6 +82,7 @@ def fit(
         matcher.eval()
         val_figures = validate(matcher)
         figures = train_figures | {f"val/{key}": value for key, value in val_figures.items()}
+        figures["train/epoch_seconds"] = time.perf_counter() - started  # training and validation
         result.history.append(figures)
         tracker.log_metrics(figures, step=epoch + 1)
         if val_figures["rsum"] > result.best_metrics["rsum"]:

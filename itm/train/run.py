@@ -148,6 +148,8 @@ def train_matcher(
         "git_revision": git_revision(),
         "best_epoch": result.best_epoch,
         "val": result.best_metrics,
+        "train_seconds": sum(figures["train/epoch_seconds"] for figures in result.history),
+        "history": result.history,  # per-epoch figures (losses, learning rate, val recalls), for training curves
         "mlflow_run_id": tracker.run_id,
     }
     with staged_dir(out_dir) as staging:
