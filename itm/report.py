@@ -173,3 +173,30 @@ def recall_bars(table: pd.DataFrame, path: Path, protocol: str | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> None:
+    """Training loss (left, log scale: the matchers' losses differ in scale) and validation rSum (right) per epoch,
+    one line per matcher, from the model cards' `history`; written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not histories:
+        raise ValueError("no training histories to plot")
+    figure, (loss_axis, rsum_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, history in histories.items():
+        epochs = range(1, len(history) + 1)
+        loss_axis.plot(epochs, [epoch["train/loss"] for epoch in history], marker="o", markersize=3, label=name)
+        rsum_axis.plot(epochs, [epoch["val/rsum"] for epoch in history], marker="o", markersize=3, label=name)
+    loss_axis.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log", title="training loss")
+    rsum_axis.set(xlabel="epoch", ylabel="validation rSum", title="validation rSum")
+    for axis in (loss_axis, rsum_axis):
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    rsum_axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)

@@ -77,3 +77,17 @@ def test_recall_bars_are_written_per_protocol(tmp_path: Path) -> None:
         assert image.format == "PNG" and image.width > image.height > 300
     with pytest.raises(ValueError, match="no rows for protocol 'test_1k'"):
         recall_bars(table, tmp_path / "none.png", protocol="test_1k")
+
+
+def test_training_curves_take_every_matchers_history(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from itm.report import training_curves
+
+    histories = {"a": [{"train/loss": 50.0 - e, "val/rsum": 10.0 * e} for e in range(3)],
+                 "b": [{"train/loss": 2.0 - 0.1 * e, "val/rsum": 20.0 * e} for e in range(10)]}  # fmt: skip
+    training_curves(histories, tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.format == "PNG" and image.width > image.height > 300
+    with pytest.raises(ValueError, match="no training histories"):
+        training_curves({}, tmp_path / "none.png")
