@@ -60,12 +60,13 @@ class CaptionTable:
         return dataclasses.replace(self, token_ids=tokenizer(self.texts))
 
 
-def read_captions(captions_dir: Path, split: str, *, concepts: bool = False) -> CaptionTable:
-    """One split's captions; with `concepts`, also the concepts each caption mentions (tokenize's labels)."""
+def read_captions(captions_dir: Path, split: str, *, concepts: bool = False, texts: bool = False) -> CaptionTable:
+    """One split's captions; with `concepts`, also the concepts each caption mentions (tokenize's labels); with
+    `texts`, also the raw text (for a backbone's own tokenizer)."""
     path = captions_file(captions_dir, split)
     if not path.is_file():
         raise UserError(f"{path}: not found (run the tokenize stage first)")
-    table = pq.read_table(path, columns=["caption_id", "image_id", "token_ids", "text"])
+    table = pq.read_table(path, columns=["caption_id", "image_id", "token_ids", *(["text"] if texts else [])])
     caption_ids = table.column("caption_id").to_numpy()
     concept_ids = None
     if concepts:
@@ -79,7 +80,7 @@ def read_captions(captions_dir: Path, split: str, *, concepts: bool = False) -> 
         image_ids=table.column("image_id").to_numpy(),
         token_ids=table.column("token_ids").to_pylist(),
         concept_ids=concept_ids,
-        texts=table.column("text").to_pylist(),
+        texts=table.column("text").to_pylist() if texts else None,
     )
 
 

@@ -85,9 +85,8 @@ def evaluate_matcher(
     matcher, _ = load_matcher(model_dir, device, vocab_digest=vocab.digest(), concepts_digest=concepts.digest())
     labelled = matcher.n_concepts > 0
     store = image_store(matcher, regions_dir, dataset_dir, "test")
-    captions = captions_for(
-        matcher, with_regions(read_captions(captions_dir, "test", concepts=labelled), store, "test")
-    )
+    captions = read_captions(captions_dir, "test", concepts=labelled, texts=matcher.tokenizer is not None)
+    captions = captions_for(matcher, with_regions(captions, store, "test"))
     scored, image_ids, caption_image = score_split(
         matcher, store, captions, batch_size=batch_size, device=device, amp=amp, completion=completion
     )

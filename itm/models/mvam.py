@@ -94,37 +94,21 @@ def _views_only(joint: Tensor, attention: Tensor, training: bool) -> Encoded:
     return Encoded(joint.new_zeros(len(joint), 0, 1), empty_mask, joint, extras)
 
 
-class MultiViewImageEncoder(nn.Module):
-    """Bottom-up regions → unit region vectors → m views; the attention travels in `extras` in training only."""
+class MultiViewEncoder(nn.Module):
+    """One modality of the own backbone: a `RegionEncoder` or `TextEncoder` gives unit token vectors, m views pool
+    them; the attention travels in `extras` in training only."""
 
-    def __init__(self, regions: RegionEncoder, views: MultiViewAttention) -> None:
+    def __init__(self, tokens: RegionEncoder | TextEncoder, views: MultiViewAttention) -> None:
         super().__init__()
-        self.regions, self.views = regions, views
+        self.tokens, self.views = tokens, views
 
-    def forward(self, regions: Regions) -> Encoded:
-        encoded = self.regions(regions)
+    def forward(self, batch: Regions | Captions) -> Encoded:
+        encoded = self.tokens(batch)
         return _views_only(*self.views(encoded.local, encoded.mask), self.training)
 
-    def view_attention(self, regions: Regions) -> Tensor:
-        """[B, m, R] attention of every view over the regions (for visualisation)."""
-        encoded = self.regions(regions)
-        return self.views.attention(encoded.local, encoded.mask)
-
-
-class MultiViewTextEncoder(nn.Module):
-    """Captions → unit word vectors (bi-GRU) → m views; the attention travels in `extras` in training only."""
-
-    def __init__(self, words: TextEncoder, views: MultiViewAttention) -> None:
-        super().__init__()
-        self.words, self.views = words, views
-
-    def forward(self, captions: Captions) -> Encoded:
-        encoded = self.words(captions)
-        return _views_only(*self.views(encoded.local, encoded.mask), self.training)
-
-    def view_attention(self, captions: Captions) -> Tensor:
-        """[B, m, L] attention of every view over the words (for visualisation)."""
-        encoded = self.words(captions)
+    def view_attention(self, batch: Regions | Captions) -> Tensor:
+        """[B, m, tokens] attention of every view over the regions or words (for visualisation)."""
+        encoded = self.tokens(batch)
         return self.views.attention(encoded.local, encoded.mask)
 
 
@@ -268,11 +252,11 @@ def build_mvam(params: MvamParams, inputs: MatcherInputs) -> Matcher:
             tokenizer=tokenize,
         )  # fmt: skip
     return Matcher(
-        image_encoder=MultiViewImageEncoder(
+        image_encoder=MultiViewEncoder(
             RegionEncoder(inputs.feature_dim, params.embed_dim, pool_first=False),
             MultiViewAttention(params.embed_dim, params.views, view_dim),
         ),
-        text_encoder=MultiViewTextEncoder(
+        text_encoder=MultiViewEncoder(
             TextEncoder(inputs.vocab_size, params.word_dim, params.embed_dim, bidirectional=params.bidirectional),
             MultiViewAttention(params.embed_dim, params.views, view_dim),
         ),

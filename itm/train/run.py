@@ -93,19 +93,24 @@ def train_matcher(
     settings = resolved_settings(params, settings)
     vocab = load_vocab(captions_dir / VOCAB_FILE)
     concepts = read_concepts(captions_dir)
-    feature_dim = RegionStore(regions_dir / "train").feature_dim
+    train_regions = RegionStore(regions_dir / "train")
+    feature_dim = train_regions.feature_dim
 
     torch.manual_seed(settings.seed)
     inputs = MatcherInputs(feature_dim, len(vocab), concepts)
     matcher = build_matcher(params, inputs).to(device)
-    train_store = image_store(matcher, regions_dir, dataset_dir, "train")
-    val_store = image_store(matcher, regions_dir, dataset_dir, "val")
-    labelled = matcher.n_concepts > 0
-    train_captions = with_regions(read_captions(captions_dir, "train", concepts=labelled), train_store, "train")
+    if matcher.pixels is None:
+        train_store, val_store = train_regions, RegionStore(regions_dir / "val")
+    else:  # one store holds every split's images
+        train_store = val_store = image_store(matcher, regions_dir, dataset_dir, "train")
+    labelled, texts = matcher.n_concepts > 0, matcher.tokenizer is not None
+    train_captions = read_captions(captions_dir, "train", concepts=labelled, texts=texts)
+    train_captions = with_regions(train_captions, train_store, "train")
     if labelled:
         train_captions = image_concepts(train_captions)
     train_captions = captions_for(matcher, train_captions)
-    val_captions = with_regions(read_captions(captions_dir, "val", concepts=labelled), val_store, "val")
+    val_captions = read_captions(captions_dir, "val", concepts=labelled, texts=texts)
+    val_captions = with_regions(val_captions, val_store, "val")
     val_captions = captions_for(matcher, first_images(val_captions, VALIDATION_IMAGES))
     pairs = CaptionRegionPairs(train_captions, train_store)
 
