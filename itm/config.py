@@ -403,6 +403,14 @@ class EvaluateParams(Section):
     completion_image_window: int = Field(3, ge=1)  # captions around the query in its best image's ranking (CVSE: 3)
 
 
+class CompareParams(Section):
+    """The comparison report (itm/report.py, itm/figures/): which test examples its figures show."""
+
+    examples: int = Field(3, ge=1, le=10)  # test pairs per attention figure; queries per retrieval direction
+    top: int = Field(5, ge=1, le=10)  # results shown per retrieval example
+    seed: int = 0  # picks the example pairs and queries: the same ones for every matcher
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -415,6 +423,7 @@ class Params(Section):
     matchers: dict[BlockName, MatcherParams] = Field(default_factory=dict)
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    compare: CompareParams = CompareParams()
 
     @model_validator(mode="after")
     def _ensembles_name_matchers(self) -> Params:

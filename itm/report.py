@@ -42,6 +42,7 @@ class Entry:
     metrics: Mapping[str, float]
     parameters: int | None
     train_seconds: float | None
+    members: tuple[str, ...] = ()  # an ensemble's matchers
 
 
 def read_metrics(path: Path) -> dict[str, float]:
@@ -71,7 +72,8 @@ def read_entries(
                              counts[name], card.get("train_seconds")))  # fmt: skip
     for name, members in ensembles.items():
         total = sum(counts[member] for member in members) if all(m in counts for m in members) else None
-        entries.append(Entry(name, "ensemble", "ensemble", read_metrics(metrics_dir / f"{name}.json"), total, None))
+        metrics = read_metrics(metrics_dir / f"{name}.json")
+        entries.append(Entry(name, "ensemble", "ensemble", metrics, total, None, tuple(members)))
     return entries
 
 
@@ -144,9 +146,45 @@ def _number(value: object) -> str:
     return f"{number:.1f}" if abs(number) >= 1 or number == 0 else f"{number:.3f}"
 
 
+def comparison_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """The table as nested figures {protocol: {model: {column: value}}} for a DVC metrics file (unknown values left
+    out), so `dvc metrics diff` compares every model between experiments."""
+    numeric = [column for column in HEADERS if column in table.columns and column not in ("name", "type", "kind")]
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for _, row in table.iterrows():
+        figures = {column: float(row[column]) for column in numeric if _known(row[column])}
+        metrics.setdefault(str(row["protocol"]), {})[str(row["name"])] = figures
+    return metrics
+
+
+def rsum_points(table: pd.DataFrame) -> list[dict[str, object]]:
+    """One point per (model, protocol) for a DVC bar plot of rSum; the protocol joins the label when there are
+    several (COCO)."""
+    several = table["protocol"].nunique() > 1
+    return [
+        {"model": f"{row['name']} ({row['protocol']})" if several else row["name"], "type": row["type"],
+         "rsum": float(row["rsum"])}
+        for _, row in table.iterrows()
+    ]  # fmt: skip
+
+
+def read_histories(models_dir: Path, matchers: Sequence[str]) -> dict[str, list[dict[str, float]]]:
+    """Each matcher's per-epoch figures from its model card (matchers whose card has no history are left out)."""
+    histories = {}
+    for name in matchers:
+        card = json.loads((models_dir / name / CARD_FILE).read_text())
+        if card.get("history"):
+            histories[name] = card["history"]
+    return histories
+
+
+def _known(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def recall_bars(table: pd.DataFrame, path: Path, protocol: str | None = None) -> None:
     """Grouped bars of R@1, R@5, R@10 per model, one panel per direction, for one protocol (default: the first);
-    written as a PNG."""
+    ensembles hatched; written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,7 +200,10 @@ def recall_bars(table: pd.DataFrame, path: Path, protocol: str | None = None) ->
     for axis, (side, title) in zip(axes, (("i2t", "image → text"), ("t2i", "text → image")), strict=True):
         for offset, k in enumerate((1, 5, 10)):
             positions = [i + (offset - 1) * width for i in range(len(names))]
-            axis.bar(positions, rows[f"{side}_r{k}"], width, label=f"R@{k}")
+            bars = axis.bar(positions, rows[f"{side}_r{k}"], width, label=f"R@{k}")
+            for bar, kind in zip(bars, rows["type"], strict=True):
+                if kind == "ensemble":
+                    bar.set_hatch("//")  # ensembles are told apart from single models
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
         axis.set_title(f"{title} ({protocol})")
         axis.set_ylim(0, 100)

@@ -39,6 +39,21 @@ class Tracker(Protocol):
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None: ...
 
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def child_run(self, name: str, tags: Mapping[str, str] | None = None) -> contextlib.AbstractContextManager[Tracker]:
+        """A run nested under this one (MLflow shows it below its parent)."""
+        ...
+
+    def find_run(self, stage: str) -> str | None:
+        """The newest finished run of `stage` (e.g. `ensemble@scan_ensemble`) in this run's experiment, from the same
+        `dvc exp` experiment when inside one; None when there is none."""
+        ...
+
+    def run_link(self, run_id: str) -> str | None:
+        """A link to run `run_id` in the MLflow UI, relative to the UI's address."""
+        ...
+
 
 class NullTracker:
     """Keeps what it is given in memory and sends it nowhere; tests read it back."""
@@ -49,6 +64,8 @@ class NullTracker:
         self.metrics: list[tuple[dict[str, float], int | None]] = []
         self.artifacts: list[tuple[Path, str | None]] = []
         self.dicts: dict[str, Mapping[str, Any]] = {}
+        self.tags: dict[str, str] = {}
+        self.children: dict[str, NullTracker] = {}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.params.update(flatten(params))
@@ -61,6 +78,22 @@ class NullTracker:
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         self.dicts[name] = data
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
+
+    @contextlib.contextmanager
+    def child_run(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+        child = NullTracker()
+        child.tags.update(tags or {})
+        self.children[name] = child
+        yield child
+
+    def find_run(self, stage: str) -> str | None:
+        return None
+
+    def run_link(self, run_id: str) -> str | None:
+        return None
 
 
 class MlflowTracker:
@@ -88,6 +121,43 @@ class MlflowTracker:
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         self._client.log_dict(self.run_id, dict(data), name)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, value)
+
+    @contextlib.contextmanager
+    def child_run(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+        import mlflow
+
+        parent = self._client.get_run(self.run_id)
+        with mlflow.start_run(
+            run_name=name,
+            experiment_id=parent.info.experiment_id,
+            nested=True,
+            parent_run_id=self.run_id,
+            tags={key: value for key, value in parent.data.tags.items() if key.startswith("itm.")} | dict(tags or {}),
+        ) as run:
+            yield MlflowTracker(run.info.run_id)
+
+    def find_run(self, stage: str) -> str | None:
+        experiment = self._client.get_run(self.run_id).info.experiment_id
+        conditions = [f"tags.`itm.stage` = '{stage}'", "attributes.status = 'FINISHED'"]
+        if os.environ.get("DVC_EXP_NAME"):
+            conditions.append(f"tags.`itm.dvc_exp_name` = '{os.environ['DVC_EXP_NAME']}'")
+        runs = self._client.search_runs(
+            [experiment], " and ".join(conditions), order_by=["attributes.start_time DESC"], max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def run_link(self, run_id: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            experiment = self._client.get_run(run_id).info.experiment_id
+        except MlflowException:  # e.g. logged to another tracking store
+            return None
+        return f"#/experiments/{experiment}/runs/{run_id}"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -47,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             amp=params.train.amp,
             completion=completion,
             dataset_dir=args.dataset,
+            run_id=tracker.run_id,
         )
         tracker.log_metrics(figures)
         write_json(args.metrics, figures)

@@ -92,8 +92,14 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo:
         "tokenize",
         *(f"{s}@{m}" for s in ("train", "evaluate") for m in matchers),
     ]
-    for stage in [*stages, "ensemble@scan_ensemble"]:
+    for stage in [*stages, "ensemble@scan_ensemble", "compare"]:
         assert f"Running stage '{stage}'" in first.stdout
+    report = (tiny_repo / "reports" / "comparison.md").read_text()
+    for name in [*matchers, "scan_ensemble"]:
+        assert f"| {name} |" in report
+    figures = {path.name for path in (tiny_repo / "reports" / "figures").iterdir()}
+    assert {"training_curves.png", "recall_bars_test.png", "attention_scan_t2i_avg.png", "views_mvam.png"} <= figures
+    assert {f"retrieval_t2i_{name}.png" for name in [*matchers, "scan_ensemble"]} <= figures
     assert (tiny_repo / "models" / "detector" / "card.json").is_file()
     assert (tiny_repo / "data" / "regions" / "test" / "features.npy").is_file()
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
@@ -108,12 +114,21 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo:
     again = _run(["dvc", "repro"], tiny_repo)
     assert "Running stage" not in again.stdout
     assert "Data and pipelines are up to date." in again.stdout
+    stray = tiny_repo / "itm" / "models" / "__pycache__" / "stray.cpython-311.pyc"
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"bytecode")  # Python rewrites its caches at will: no stage may depend on them
+    assert "Data and pipelines are up to date." in _run(["dvc", "status"], tiny_repo).stdout
+    stray.unlink()
 
     _run(["git", "add", "dvc.lock"], tiny_repo)
     _run(["git", "commit", "-qm", "lock"], tiny_repo)
     one_matcher = _run(["dvc", "exp", "run", "-S", "matchers.scan_t2i_avg.lambda_softmax=4"], tiny_repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", one_matcher))
-    assert ran == {"train@scan_t2i_avg", "evaluate@scan_t2i_avg", "ensemble@scan_ensemble"}, ran
+    assert ran == {"train@scan_t2i_avg", "evaluate@scan_t2i_avg", "ensemble@scan_ensemble", "compare"}, ran
+    compared = json.loads(_run(["dvc", "metrics", "diff", "HEAD", "--json"], tiny_repo).stdout)
+    assert "test.scan_t2i_avg.rsum" in compared["reports/comparison.json"]
+    plotted = json.loads(_run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], tiny_repo).stdout)
+    assert "reports/rsum.json" in json.dumps(plotted) and "attention_scan_t2i_avg.png" in json.dumps(plotted)
 
     experiment = _run(["dvc", "exp", "run", "-S", "datasets.synthetic.seed=7"], tiny_repo)
     assert "Running stage 'download'" in experiment.stdout

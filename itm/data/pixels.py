@@ -62,12 +62,15 @@ class PixelStore:
 
     def features_of(self, image_id: int) -> np.ndarray:
         """[3, size, size] float32 normalised pixels of one image."""
-        path = self._files[image_id]
+        return self.prepare(self._files[image_id])
+
+    def prepare(self, path: Path) -> np.ndarray:
+        """[3, size, size] float32 normalised pixels of any image file, prepared as the dataset's images are."""
         try:
             with Image.open(path) as image:
                 return self._prepare(image.convert("RGB")).numpy()
         except (OSError, ValueError) as error:
-            raise UserError(f"{path}: cannot read image {image_id}: {error}") from None
+            raise UserError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
 
     @staticmethod
     def collate(arrays: Sequence[np.ndarray]) -> Pixels:

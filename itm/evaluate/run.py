@@ -35,6 +35,7 @@ class SplitScores:
     image_ids: np.ndarray  # [n_images]
     caption_ids: np.ndarray  # [n_captions]
     caption_image: torch.Tensor  # [n_captions] row of each caption's image
+    run_id: str | None = None  # the MLflow run of the evaluation that scored it
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,7 @@ class SplitScores:
                 image_ids=self.image_ids,
                 caption_ids=self.caption_ids,
                 caption_image=self.caption_image.numpy(),
+                run_id=np.array(self.run_id or ""),
             )
 
     @classmethod
@@ -57,6 +59,7 @@ class SplitScores:
                 saved["image_ids"],
                 saved["caption_ids"],
                 torch.from_numpy(saved["caption_image"]),
+                (str(saved["run_id"]) or None) if "run_id" in saved else None,
             )
 
 
@@ -72,13 +75,15 @@ def evaluate_matcher(
     amp: bool,
     completion: ConceptCompletion | None = None,
     dataset_dir: Path | None = None,
+    run_id: str | None = None,
 ) -> dict[str, float]:
     """Score the whole test gallery, save the matrix, and return the protocol figures and retrieval times.
 
     A concept-aware matcher labels each test caption with the concepts of its own words, completed transductively
     from neighbouring test captions when `completion` is given; its figures then include
     `test/transductive_concepts` (1 or 0) to say which was used. A matcher that reads pixels reads the test
-    images from `dataset_dir` (data/raw/<dataset>).
+    images from `dataset_dir` (data/raw/<dataset>). `run_id` (the evaluation's MLflow run) is saved with the matrix
+    so that the comparison can link to the run.
     """
     vocab = load_vocab(captions_dir / VOCAB_FILE)
     concepts = read_concepts(captions_dir)
@@ -90,7 +95,7 @@ def evaluate_matcher(
     scored, image_ids, caption_image = score_split(
         matcher, store, captions, batch_size=batch_size, device=device, amp=amp, completion=completion
     )
-    test = SplitScores(scored.matrix, np.array(image_ids), captions.caption_ids, caption_image)
+    test = SplitScores(scored.matrix, np.array(image_ids), captions.caption_ids, caption_image, run_id)
     test.save(scores_path)
     figures = figures_for(test, dataset_kind)
     figures |= {f"test/{key}": value for key, value in retrieval_timing(scored, len(captions.token_ids)).items()}

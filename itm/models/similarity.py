@@ -401,6 +401,21 @@ def _reference_attention(
 ) -> tuple[Tensor, Tensor]:
     """SCAN `func_attention` with masks (and UARDA's threshold): the attended context of every query,
     [n, Lq, E], and which queries have any context to attend to, [n, Lq]."""
+    weights, usable = attention_weights(query, context, query_mask, context_mask, lambda_softmax, threshold)
+    return torch.bmm(weights, context), usable
+
+
+def attention_weights(
+    query: Tensor,
+    context: Tensor,
+    query_mask: Tensor,
+    context_mask: Tensor,
+    lambda_softmax: float,
+    threshold: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SCAN's attention of each query fragment over the context fragments (kuanghuei/SCAN `func_attention`, with
+    masks and UARDA's threshold): weights α [n, Lq, Lc], each real query's row summing to 1 over the usable context
+    (0 elsewhere), and which queries have any usable context, [n, Lq]. t2i: query = words, context = regions."""
     attn = torch.bmm(context, query.transpose(1, 2))  # [n, Lc, Lq]
     if threshold is not None:
         attn = attn - threshold
@@ -410,7 +425,9 @@ def _reference_attention(
     attn = F.leaky_relu(attn, LEAKY_SLOPE) * query_mask[:, None, :]
     attn = l2norm(attn, dim=2).transpose(1, 2)  # [n, Lq, Lc], normalised over the queries
     attn = torch.softmax((lambda_softmax * attn).masked_fill(~usable.transpose(1, 2), float("-inf")), dim=2)
-    return torch.bmm(attn, context), usable.any(dim=1)
+    has_context = usable.any(dim=1)  # [n, Lq]
+    weights = torch.where((has_context & query_mask)[:, :, None], attn, 0.0)  # no NaN rows from empty softmaxes
+    return weights, has_context
 
 
 def _reference_cosine(x1: Tensor, x2: Tensor) -> Tensor:

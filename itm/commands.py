@@ -1,0 +1,137 @@
+"""The `itm` console command. `itm search` ranks the indexed split for a text or an image with a trained matcher.
+
+    itm search --model models/scan_t2i_avg --text "a red circle to the left of a blue square" --top 5
+    itm search --model models/scan_t2i_avg --image data/raw/synthetic/images/<file>.jpg --sheet sheet.png
+
+Run it from the repository: the defaults are the pipeline's paths, and the dataset folder is
+data/raw/<dataset of params.yaml>. Results go to stdout, logging and progress to stderr; a mistake is one line
+`error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from itm.cli import run_stage
+from itm.config import PARAMS_FILE, load_params
+from itm.device import default_device
+from itm.errors import UserError
+from itm.search import (
+    DEFAULT_SHORTLIST,
+    DEFAULT_SHORTLIST_BY,
+    SHORTLIST_BY,
+    Options,
+    SearchResult,
+    format_table,
+    open_index,
+    search_image,
+    search_text,
+    write_sheet,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes become a `UserError`: one line, exit status 2, like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="itm", description="Image-text matching: commands on the pipeline's data and models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    search = commands.add_parser(
+        "search",
+        help="the best images for a text, or the best captions for an image",
+        description="Rank the indexed split's images for --text, or its captions for --image, with a trained "
+        "matcher. Cross-attention matchers (SCAN, UARDA) rank the gallery with a cheap score first and re-rank "
+        "the best --shortlist items with the full score.",
+    )
+    search.add_argument("--model", type=Path, required=True, help="a trained matcher folder, models/<matcher>")
+    search.add_argument("--text", help="a caption to find images for")
+    search.add_argument("--image", type=Path, help="an image file to find captions for (indexed or not)")
+    search.add_argument("--top", type=int, default=5, help="how many results (default 5)")
+    search.add_argument("--split", choices=("train", "val", "test"), default="test", help="default test")
+    search.add_argument("--sheet", type=Path, help="also write a contact sheet PNG here")
+    search.add_argument(
+        "--shortlist", type=int, default=DEFAULT_SHORTLIST,
+        help=f"cross-attention matchers: items re-ranked with the full score (default {DEFAULT_SHORTLIST}; "
+        "0: score every item with the full score)",
+    )  # fmt: skip
+    search.add_argument(
+        "--shortlist-by", choices=SHORTLIST_BY, default=DEFAULT_SHORTLIST_BY,
+        help="the cheap score: hard (SCAN's cross attention as λ1 → ∞: each fragment attends to its best match "
+        f"only) or pooled (cosine of the pooled vectors); default {DEFAULT_SHORTLIST_BY}",
+    )  # fmt: skip
+    search.add_argument("--regions", type=Path, default=Path("data/regions"), help="the region stores (data/regions)")
+    search.add_argument("--captions", type=Path, default=Path("data/captions"), help="the tokenized captions")
+    search.add_argument("--dataset", type=Path, help="data/raw/<dataset>; default: the dataset of ./params.yaml")
+    search.add_argument("--detector", type=Path, default=Path("models/detector"), help="for images outside the index")
+    search.add_argument("--batch-size", type=int, default=128, help="images or captions encoded at once")
+    return parser
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "search":
+        search(args)
+
+
+def search(args: argparse.Namespace) -> None:
+    """`itm search`: check the arguments, open the index, run the query, print the table (and write the sheet)."""
+    if (args.text is None) == (args.image is None):
+        raise UserError("itm search: give either --text or --image (exactly one)")
+    if args.text is not None and not args.text.strip():
+        raise UserError("itm search: --text is empty")
+    if args.batch_size < 1:
+        raise UserError(f"itm search: --batch-size must be at least 1, got {args.batch_size}")
+    options = Options(top=args.top, shortlist=args.shortlist, shortlist_by=args.shortlist_by)
+    if args.image is not None and not args.image.is_file():
+        raise UserError(f"{args.image}: image not found")
+    index = open_index(
+        args.model, args.regions, args.captions, args.dataset or _dataset_dir(), args.split,
+        device=default_device(), batch_size=args.batch_size,
+    )  # fmt: skip
+    if args.text is not None:
+        result = search_text(index, args.text, options)
+    else:
+        result = search_image(index, args.image, options, args.detector)
+    print(_header(index.name, args.split, result))
+    print(format_table(result))
+    sys.stdout.flush()
+    if args.sheet is not None:
+        write_sheet(result, args.sheet)
+        print(f"contact sheet: {args.sheet}", file=sys.stderr)
+
+
+def _header(name: str, split: str, result: SearchResult) -> str:
+    """One comment line above the table: the model, the gallery and what the query cost."""
+    what = "images" if result.kind == "text" else "captions"
+    if result.kind == "image":
+        known = result.query_image_id is not None
+        what += f" for image {result.query_image_id}" if known else " for an image outside the index"
+    scored = "all" if result.scored == result.gallery else f"{result.scored} shortlisted"
+    return (
+        f"# {name}: top {len(result.hits)} of {result.gallery} {split} {what} ({scored} scored in full, "
+        f"{result.seconds * 1000:.1f} ms)"
+    )
+
+
+def _dataset_dir() -> Path:
+    """data/raw/<dataset> for the `dataset` of ./params.yaml (the pipeline's layout)."""
+    if not PARAMS_FILE.is_file():
+        raise UserError(f"{PARAMS_FILE} not found in {Path.cwd()}: run from the repository or pass --dataset")
+    return Path("data/raw") / load_params(PARAMS_FILE).dataset
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `itm` console script (and of tests, with `argv`)."""
+    run_stage(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The search index: one split of the pipeline's data (region or pixel store, captions, image files, vocabulary)
+with the trained matcher that searches it, loaded as `evaluate` loads them; galleries are encoded on demand. Also the
+discovery of the trained models named when a model folder is missing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from itm.data.captions import VOCAB_FILE, read_concepts
+from itm.data.loaders import CaptionTable, captions_for, image_store, read_captions, with_regions
+from itm.data.pixels import ImageStore
+from itm.data.records import IMAGES_DIR, read_dataset_json
+from itm.data.vocab import Vocab, load_vocab
+from itm.errors import UserError
+from itm.evaluate.scoring import encode_captions, encode_images
+from itm.models.base import Encoded, Matcher
+from itm.train.saved import CARD_FILE, MODEL_FILE, load_matcher
+from itm.views import is_cross_attention
+
+
+@dataclass
+class SearchIndex:
+    """One split of the pipeline's data, ready to be searched with one matcher; galleries are encoded on demand."""
+
+    name: str
+    matcher: Matcher
+    device: torch.device
+    split: str
+    store: ImageStore
+    captions: CaptionTable  # the split's captions whose image is in the store, with text (and concepts)
+    image_ids: list[int]  # gallery rows: the captions' images in first-appearance order (as `evaluate`)
+    files: dict[int, Path]  # image id -> file, for every image of the split
+    vocab: Vocab
+    concept_words: tuple[str, ...]
+    batch_size: int = 128
+    _images: Encoded | None = field(default=None, repr=False)
+    _captions: Encoded | None = field(default=None, repr=False)
+
+    @property
+    def cross_attention(self) -> bool:
+        return is_cross_attention(self.matcher)
+
+    def gallery_images(self) -> Encoded:
+        """Every image of the split, encoded (on the CPU)."""
+        if self._images is None:
+            self._images = encode_images(
+                self.matcher, self.store, self.image_ids, batch_size=self.batch_size, device=self.device
+            )
+        return self._images
+
+    def gallery_captions(self) -> Encoded:
+        """Every caption of the split, encoded (on the CPU)."""
+        if self._captions is None:
+            self._captions = encode_captions(
+                self.matcher, self.captions.token_ids, batch_size=self.batch_size, device=self.device,
+                concept_ids=self.captions.concept_ids,
+            )  # fmt: skip
+        return self._captions
+
+
+def open_index(
+    model_dir: Path,
+    regions_dir: Path,
+    captions_dir: Path,
+    dataset_dir: Path,
+    split: str,
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+) -> SearchIndex:
+    """The matcher of `model_dir` and the split it searches, loaded as `evaluate_matcher` loads them."""
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: no such model folder{_known_models(model_dir.parent)}")
+    vocab = load_vocab(captions_dir / VOCAB_FILE)
+    concepts = read_concepts(captions_dir)
+    matcher, card = load_matcher(model_dir, device, vocab_digest=vocab.digest(), concepts_digest=concepts.digest())
+    store = image_store(matcher, regions_dir, dataset_dir, split)
+    captions = read_captions(captions_dir, split, concepts=matcher.n_concepts > 0, texts=True)
+    captions = captions_for(matcher, with_regions(captions, store, split))
+    records = read_dataset_json(dataset_dir / "dataset.json")
+    files = {r.imgid: dataset_dir / IMAGES_DIR / r.filename for r in records if r.split == split}
+    return SearchIndex(
+        name=card.get("name", model_dir.name),
+        matcher=matcher,
+        device=device,
+        split=split,
+        store=store,
+        captions=captions,
+        image_ids=list(dict.fromkeys(int(i) for i in captions.image_ids)),
+        files=files,
+        vocab=vocab,
+        concept_words=concepts.words,
+        batch_size=batch_size,
+    )
+
+
+def _known_models(models_dir: Path) -> str:
+    """' (trained models in <dir>: a, b)' for the error message, or '' when there are none."""
+    if not models_dir.is_dir():
+        return ""
+    names = sorted(p.name for p in models_dir.iterdir() if _is_matcher(p))
+    return f" (trained models in {models_dir}: {', '.join(names)})" if names else ""
+
+
+def _is_matcher(folder: Path) -> bool:
+    """A trained matcher's folder (the detector's has a model.pt too, but its card has no matcher params)."""
+    card = folder / CARD_FILE
+    try:
+        return (folder / MODEL_FILE).is_file() and "params" in json.loads(card.read_text())
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,44 @@
+"""DVC stage `compare`: every matcher and ensemble side by side (reports/), with figures, as one MLflow run."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from itm.cli import run_stage
+from itm.compare import Examples, Inputs, compare
+from itm.config import PARAMS_FILE, load_params
+from itm.tracking import start_run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics/ (the evaluate and ensemble stages')")
+    parser.add_argument("--models", type=Path, required=True, help="models/ (the train stages')")
+    parser.add_argument("--scores", type=Path, required=True, help="data/scores/ (the test similarity matrices)")
+    parser.add_argument("--regions", type=Path, required=True, help="data/regions")
+    parser.add_argument("--captions", type=Path, required=True, help="data/captions")
+    parser.add_argument("--dataset", type=Path, required=True, help="data/raw/<dataset>")
+    parser.add_argument("--out", type=Path, required=True, help="reports/")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    settings = params.compare
+    matchers, ensembles = list(params.matchers), dict(params.evaluate.ensembles)
+    logged = {"compare": settings.model_dump(mode="json"), "matchers": matchers, "ensembles": ensembles,
+              "dataset": params.dataset}  # fmt: skip
+    with start_run("compare", params=logged, tags={"itm.dataset": params.dataset}) as tracker:
+        compare(
+            Inputs(args.metrics, args.models, args.scores, args.regions, args.captions, args.dataset),
+            matchers,
+            ensembles,
+            args.out,
+            examples=Examples(settings.examples, settings.top, settings.seed),
+            tracker=tracker,
+        )
+
+
+if __name__ == "__main__":
+    run_stage(main)
