@@ -117,18 +117,18 @@ def draw_figures(
     for protocol in dict.fromkeys(table["protocol"]):
         drawn.append(folder / f"recall_bars_{protocol}.png")
         recall_bars(table, drawn[-1], protocol)
+    boxes = regions_have_boxes(inputs.regions_dir)
     for entry in entries:
-        drawn += _model_figures(inputs, entry, folder, examples)
+        drawn += _model_figures(inputs, entry, folder, examples, boxes=boxes)
     return drawn
 
 
-def _model_figures(inputs: Inputs, entry: Entry, folder: Path, examples: Examples) -> list[Path]:
-    """A model's retrieval examples, and its attention figure when it has one."""
+def _model_figures(inputs: Inputs, entry: Entry, folder: Path, examples: Examples, *, boxes: bool) -> list[Path]:
+    """A model's retrieval examples, and its attention figure when it has one (region attention needs `boxes`)."""
     drawn = []
     sources = (inputs.models_dir, inputs.regions_dir, inputs.captions_dir, inputs.dataset_dir)
     if entry.type == "single":
         matcher, _ = load_matcher(inputs.models_dir / entry.name, torch.device("cpu"))
-        boxes = regions_have_boxes(inputs.regions_dir)
         if is_cross_attention(matcher) and boxes:
             drawn.append(folder / f"attention_{entry.name}.png")
             attention_figure(sources[0] / entry.name, *sources[1:], drawn[-1], pairs=examples.count,
@@ -172,7 +172,7 @@ def linked_runs(inputs: Inputs, entry: Entry, tracker: Tracker) -> dict[str, str
     card = json.loads((inputs.models_dir / entry.name / CARD_FILE).read_text())
     if card.get("mlflow_run_id"):
         runs[f"train@{entry.name}"] = card["mlflow_run_id"]
-    evaluated = SplitScores.load(inputs.scores_dir / f"{entry.name}.npz").run_id
+    evaluated = SplitScores.load_run_id(inputs.scores_dir / f"{entry.name}.npz")
     if evaluated:
         runs[f"evaluate@{entry.name}"] = evaluated
     return runs

@@ -131,10 +131,10 @@ def comparison_markdown(table: pd.DataFrame) -> str:
 def _cell(value: object, best: float | None) -> str:
     if isinstance(value, str):
         return value
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not _known(value):
         return "–"
     text = _number(value)
-    is_best = best is not None and not (isinstance(best, float) and math.isnan(best)) and text == _number(best)
+    is_best = _known(best) and text == _number(best)
     return f"**{text}**" if is_best else text
 
 

@@ -401,8 +401,7 @@ def test_mistakes_are_one_line_and_exit_2(
 
 def test_the_console_script(repo: Path, tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("itm")
-    if not script.is_file():
-        pytest.skip("the itm console script is not installed in this environment")
+    assert script.is_file(), f"{script}: the console script of pyproject's [project.scripts] is not installed"
     done = subprocess.run([str(script), "search", "--model", "models/nope", "--text", "a circle"], cwd=repo,
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and done.stderr.startswith("error: models/nope: no such model folder"), done.stderr

@@ -51,16 +51,32 @@ class SplitScores:
 
     @classmethod
     def load(cls, path: Path) -> SplitScores:
-        if not path.is_file():
-            raise UserError(f"{path}: not found (run the evaluate stage of that matcher first)")
+        _check_exists(path)
         with np.load(path) as saved:
             return cls(
                 torch.from_numpy(saved["scores"]),
                 saved["image_ids"],
                 saved["caption_ids"],
                 torch.from_numpy(saved["caption_image"]),
-                (str(saved["run_id"]) or None) if "run_id" in saved else None,
+                _run_id(saved),
             )
+
+    @staticmethod
+    def load_run_id(path: Path) -> str | None:
+        """The evaluation run saved with the matrix at `path`, without reading the matrix."""
+        _check_exists(path)
+        with np.load(path) as saved:
+            return _run_id(saved)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run the evaluate stage of that matcher first)")
+
+
+def _run_id(saved: np.lib.npyio.NpzFile) -> str | None:
+    """The saved run id; None when it is empty or the file predates it."""
+    return (str(saved["run_id"]) or None) if "run_id" in saved.files else None
 
 
 def evaluate_matcher(

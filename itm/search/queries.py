@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from itm.data.concepts import concept_labels
 from itm.data.loaders import pad_captions
 from itm.data.pixels import PixelStore
 from itm.data.regions import RegionStore
@@ -51,10 +52,8 @@ def _check_vocabulary(tokens: Sequence[str], vocab: Vocab) -> None:
 
 
 def query_concepts(tokens: Sequence[str], concept_words: Sequence[str]) -> list[int]:
-    """The ids of the concepts a query mentions, ascending: what `itm.data.concepts.concept_labels` gives a
-    caption (binary presence of each concept word among the tokens), without loading scikit-learn."""
-    index = {word: i for i, word in enumerate(concept_words)}
-    return sorted({index[token] for token in tokens if token in index})
+    """The ids of the concepts a query mentions, ascending, labelled as the tokenize stage labels captions."""
+    return concept_labels([tokens], concept_words)[0]
 
 
 @dataclass(frozen=True)
