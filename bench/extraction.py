@@ -8,29 +8,54 @@ Times are the median of `--repeats` timed runs after one warm-up. Weights are ra
 (the selection step sees random class scores, which is its worst case: few proposals are suppressed early).
 The selection row compares our vectorised per-class NMS with a loop of py-faster-rcnn's per-class NMS (the
 reference extractor's procedure) on the same 300 proposals x 1601 classes.
+
+Hardware limit: each case counts the FLOPs of its warm-up run with `torch.utils.flop_counter.FlopCounterMode`
+(convolutions and matrix products: the trunk, the RPN and the res5 head on the 300 proposals, about 90% of it at
+600x1000 since res5 runs with dilation 2 on 14x14 pooled regions; RoI pooling, NMS and the selection are not
+counted), so achieved TFLOP/s = FLOPs per image x images/s, against the device's peak dense TFLOP/s for the
+case's precision (fp32 convolutions run as TF32 on a GPU unless cuDNN's TF32 is switched off; see
+bench/common.py). Unknown GPUs and the CPU print n/a unless `--peak-tflops` gives the peak. At 60 images/s the
+BUTD model needs about 118 TFLOP/s.
+
+Performance target: the full BUTD model at 600x1000 extracts at least 60 images/s on one H100; judged on a GPU
+with the fastest BUTD 600x1000 case.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from itm.config import load_params  # noqa: E402
-from itm.detect.extract import Selection, regions_of_batch  # noqa: E402
-from itm.detect.model import build_detector  # noqa: E402
-from itm.detect.selection import max_confidence_after_nms, reference_max_confidence  # noqa: E402
+from common import (
+    REPO,
+    achieved,
+    conv_compute_dtype,
+    median_seconds,
+    parse_peak_override,
+    peak_memory_mib,
+    peak_tflops,
+    print_case_result,
+    print_table,
+    reset_peak_memory,
+    run_case,
+    run_description,
+    target_verdict,
+)
+
+from itm.config import load_params
+from itm.detect.extract import Selection, regions_of_batch
+from itm.detect.model import build_detector
+from itm.detect.selection import max_confidence_after_nms, reference_max_confidence
 
 CASES = {
     "cpu": [
@@ -49,6 +74,7 @@ CASES = {
     ],
 }
 CLASSES = {"small": (7, 11), "butd": (1601, 401)}
+TARGET = ("butd", 600, 1000, 60.0)  # the target: full BUTD at 600x1000, at least 60 images/s on one H100
 
 
 def _one_case(
@@ -62,24 +88,18 @@ def _one_case(
 
     def run() -> None:
         regions_of_batch(model, images, list(range(batch)), selection, precision)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    run()  # warm-up
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+    with FlopCounterMode(display=False) as counter:  # the warm-up run, counted
         run()
-        seconds.append(time.perf_counter() - started)
-    median = statistics.median(seconds)
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
-    return {"images_per_second": batch / median, "seconds_per_batch": median, "peak_mib": peak / 2**20}
+    reset_peak_memory(device)
+    median = median_seconds(run, repeats, device)
+    peak = peak_memory_mib(device)
+    return {
+        "images_per_second": batch / median,
+        "seconds_per_batch": median,
+        "peak_mib": peak,
+        "flops_per_image": counter.get_total_flops() / batch,
+    }
 
 
 def _selection_case(device: str, repeats: int) -> dict:
@@ -111,31 +131,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", help="peak dense TFLOP/s: one figure, or per dtype 'bf16=989,tf32=494.7'")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(_one_case(*json.loads(args.case), args.device, args.repeats)))
+        print_case_result(_one_case(*json.loads(args.case), args.device, args.repeats))
         return
 
-    print(
-        f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, median of {args.repeats} runs\n"
-    )
-    print(f"{'model':6} {'input':>9} {'batch':>5} {'precision':>9} {'images/s':>9} {'s/batch':>8} {'peak MiB':>9}")
+    print(run_description(args.device, args.repeats) + "\n")
+    override = parse_peak_override(args.peak_tflops)
+    options = ["--device", args.device, "--repeats", str(args.repeats)]
+    header = ["model", "input", "batch", "precision", "images/s", "s/batch", "peak MiB", "GFLOP/image", "TFLOP/s",
+              "of peak"]  # fmt: skip
+    rows, target_rates = [], []
     for architecture, height, width, batch, precision in CASES[args.device]:
-        case = json.dumps([architecture, height, width, batch, precision])
-        command = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--case", case]
-        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-        print(
-            f"{architecture:6} {height:>4}x{width:<4} {batch:>5} {precision:>9} {result['images_per_second']:>9.2f} "
-            f"{result['seconds_per_batch']:>8.3f} {result['peak_mib']:>9.0f}"
-        )
+        result = run_case(__file__, options, [architecture, height, width, batch, precision])
+        rate, seconds = result["images_per_second"], result["seconds_per_batch"]
+        peak = peak_tflops(args.device, conv_compute_dtype(precision), override)
+        tflops, share = achieved(result["flops_per_image"] * batch, seconds, peak)
+        rows.append([
+            architecture, f"{height}x{width}", str(batch), precision, f"{rate:.2f}", f"{seconds:.3f}",
+            f"{result['peak_mib']:.0f}", f"{result['flops_per_image'] / 1e9:.1f}", tflops, share,
+        ])  # fmt: skip
+        if (architecture, height, width) == TARGET[:3]:
+            target_rates.append((rate, f"batch {batch}, {precision}"))
+    print_table(header, rows, align="l")
 
     timings = _selection_case(args.device, args.repeats)
     print(
         f"\nselection, 300 proposals x 1601 classes: reference per-class NMS loop {timings['reference']:.3f} s, "
         f"vectorised {timings['ours']:.4f} s, speed-up x{timings['reference'] / timings['ours']:.1f}"
     )
+    architecture, height, width, minimum = TARGET
+    print(f"\ntarget: {architecture} at {height}x{width} >= {minimum:g} images/s on one H100")
+    if target_rates:
+        rate, case = max(target_rates)
+        verdict = target_verdict(rate, minimum, at_most=False, device=args.device)
+        print(f"  fastest: {rate:.2f} images/s ({case}): {verdict}")
 
 
 if __name__ == "__main__":

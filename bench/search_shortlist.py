@@ -223,7 +223,7 @@ def measure(name: str, args: argparse.Namespace, dataset_dir: Path) -> None:
     batched = []
     for _ in range(args.repeats):
         scored = score_matrix(index.matcher, images, captions, image_chunk=256, caption_chunk=1024, device=CPU,
-                              amp=False)  # fmt: skip
+                              precision="fp32")  # fmt: skip
         batched.append(scored.score_seconds * 1000 / len(captions))
     print(f"\n{name} ({len(images)} images x {len(captions)} captions): evaluate's batched full matrix "
           f"{statistics.median(batched):.2f} ms per caption")  # fmt: skip

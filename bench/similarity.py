@@ -2,7 +2,8 @@
 
     python bench/similarity.py                      # CPU, Flickr30K test size: 1,000 images x 5,000 captions
     python bench/similarity.py --scale 0.1          # a quick check: a tenth of the images and of the captions
-    python bench/similarity.py --device cuda        # adds COCO 5K (5,000 x 25,000) and fp16-autocast rows
+    python bench/similarity.py --device cuda        # adds COCO 5K (5,000 x 25,000) and fp16/bf16-autocast rows
+    python bench/similarity.py --precisions fp32 bf16   # choose the autocast rows (CPU autocast works too)
 
 Inputs are random unit vectors, 1,024-d: 36 regions per image, captions of 8..16 words (about 12) padded to 16.
 Cases: SCAN t-i AVG (λ1 9), SCAN i-t LSE (λ1 4, λ2 5) and
@@ -14,32 +15,56 @@ process (Python, torch and the inputs included), on CUDA the peak allocated beyo
 `--repeats` runs after one warm-up. The reference (`reference_cross_attention_scores`, `reference_uarda_scores`: a
 Python loop over captions, as kuanghuei/SCAN) runs on the first `--reference-captions` captions only and its time
 is scaled linearly to the whole gallery; those rows say "extrapolated". Before any time is printed, the fast
-scores of those captions are compared with the reference's: max |difference| at most 1e-4 in fp32, 1e-3 under
-fp16 autocast. For UARDA, pairs with a region-word similarity within 1e-6 (fp16: 1e-4) of the threshold are left
-out of that comparison and counted: the hard in/out decision there depends on rounding (a different summation
-order suffices), so two correct implementations may disagree on them.
+scores of those captions are compared with the reference's (fp32): max |difference| at most 1e-4 in fp32, 1e-3
+under fp16 autocast and 5e-3 under bf16 autocast (8 significant bits instead of fp16's 11). For UARDA, pairs with a
+region-word similarity within 1e-6 (fp16: 1e-4, bf16: 5e-4) of the threshold are left out of that comparison and
+counted: the hard in/out decision there depends on rounding (a different summation order suffices), so two correct
+implementations may disagree on them.
+
+Hardware limit: the fast path's matrix products are counted (real words only, L_c the length of caption c):
+the similarity product [n_img·R, E] x [E, Σ L_c], 2·n_img·R·E·Σ L_c FLOPs (about 97% of the count at E = 1,024);
+the Gram matrices (t-i: of each image's regions, 2·n_img·R²·E; i-t: of each caption's words, 2·E·Σ L_c²), once
+each; and ‖a‖² = αᵀGα (t-i: 2·n_img·R²·Σ L_c; i-t: 2·n_img·R·Σ L_c²). UARDA with skipping is counted as without
+(its rate is an effective one). Achieved TFLOP/s = that count / seconds, against the device's peak dense TFLOP/s
+for the dtype of the similarity product (fp32 rows: fp32, or tf32 when matrix products may use TF32); unknown
+GPUs and the CPU print n/a unless `--peak-tflops` gives the peak (see bench/common.py). The elementwise softmax
+and pooling passes are not counted, so the share of the peak is a lower bound on how busy the device is.
+
+Performance target: SCAN and UARDA over the COCO 5K gallery in at most 2 s on one H100; judged on a GPU at
+`--scale 1` with the fastest precision of each method.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from itm.models.base import Encoded  # noqa: E402
-from itm.models.encoders import l2norm  # noqa: E402
-from itm.models.similarity import (  # noqa: E402
+from common import (
+    PRECISION_DTYPES,
+    achieved,
+    matmul_compute_dtype,
+    median_seconds,
+    parse_peak_override,
+    peak_memory_mib,
+    peak_tflops,
+    print_case_result,
+    print_table,
+    reset_peak_memory,
+    run_case,
+    run_description,
+    target_verdict,
+)
+
+from itm.models.base import Encoded
+from itm.models.encoders import l2norm
+from itm.models.similarity import (
     cross_attention_scores,
     reference_cross_attention_scores,
     reference_uarda_scores,
@@ -54,8 +79,17 @@ METHODS = {
     "uarda t2i avg": T2I_AVG | {"threshold": "median", "compact": True},
     "uarda no skip": T2I_AVG | {"threshold": "median", "compact": False},
 }
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-3}  # max |fast - reference| allowed
-BOUNDARY = {"fp32": 1e-6, "fp16": 1e-4}  # |s - t| below which a thresholded decision may flip with rounding
+IMPLEMENTATIONS = {"fp32": "fast", "fp16": "fast fp16", "bf16": "fast bf16"}  # precision -> row name
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-3, "bf16": 5e-3}  # max |fast - reference| allowed
+# |s - t| below which a thresholded decision may flip: about twice the rounding of a similarity near t (t is about
+# 0.065 here; half an ulp there is 3.7e-9 in fp32, 3.1e-5 in fp16, 2.4e-4 in bf16)
+BOUNDARY = {"fp32": 1e-6, "fp16": 1e-4, "bf16": 5e-4}
+TARGET_GALLERY, TARGET_SECONDS = "coco5k", 2.0  # the target: COCO 5K in <= 2 s on one H100
+
+
+def _precision(impl: str) -> str:
+    """The autocast precision of a fast implementation's row name ("fast" is fp32)."""
+    return next(precision for precision, name in IMPLEMENTATIONS.items() if name == impl)
 
 
 def _gallery(n_img: int, n_cap: int, device: str) -> tuple[Encoded, Encoded]:
@@ -88,6 +122,18 @@ def _boundary_pairs(images: Encoded, captions: Encoded, threshold: float, eps: f
     return torch.cat(rows, dim=1)
 
 
+def fast_path_flops(method: str, n_images: int, word_counts: torch.Tensor) -> float:
+    """The matrix-product FLOPs of scoring `n_images` images against captions of `word_counts` [n_cap] real words
+    with the fast path (see the module docstring): similarity product, Gram matrices and αᵀGα."""
+    words, squared = float(word_counts.sum()), float((word_counts.double() ** 2).sum())
+    similarity = 2.0 * n_images * REGIONS * DIM * words
+    if METHODS[method]["direction"] == "t2i":  # words attend to the regions: G is the image's [R, R]
+        gram, attended = 2.0 * n_images * REGIONS**2 * DIM, 2.0 * n_images * REGIONS**2 * words
+    else:  # regions attend to the words: G is the caption's [L, L]
+        gram, attended = 2.0 * DIM * squared, 2.0 * n_images * REGIONS * squared
+    return similarity + gram + attended
+
+
 def _scoring(impl: str, method: str, images: Encoded, captions: Encoded, threshold: float | None, device: str):
     """The function that scores the gallery against some captions, for one implementation of one method."""
     settings = {key: value for key, value in METHODS[method].items() if key != "threshold"}
@@ -98,9 +144,10 @@ def _scoring(impl: str, method: str, images: Encoded, captions: Encoded, thresho
         return lambda caps: reference_cross_attention_scores(images, caps, **settings)
     if threshold is not None:
         settings["threshold"] = torch.tensor(threshold, device=device)
+    precision = _precision(impl)
 
     def fast(caps: Encoded) -> torch.Tensor:
-        with torch.autocast(device, dtype=torch.float16, enabled=impl == "fast fp16"):
+        with torch.autocast(device, dtype=PRECISION_DTYPES[precision], enabled=precision != "fp32"):
             return cross_attention_scores(images, caps, **settings)
 
     return fast
@@ -115,48 +162,35 @@ def _run_case(gallery: str, method: str, impl: str, args: argparse.Namespace, sc
     n_ref = min(args.reference_captions, n_cap)
     targets = captions.slice(0, n_ref) if impl == "reference" else captions
     score = _scoring(impl, method, images, captions, threshold, args.device)
+    outputs: list[torch.Tensor] = []
 
-    def timed() -> tuple[float, torch.Tensor]:
-        _synchronize(args.device)
-        started = time.perf_counter()
+    def run() -> None:
         with torch.no_grad():
-            out = score(targets)
-        _synchronize(args.device)
-        return time.perf_counter() - started, out
+            outputs[:] = [score(targets)]
 
     baseline = torch.cuda.memory_allocated() if args.device == "cuda" else 0
-    _, out = timed()  # warm-up
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = statistics.median(timed()[0] for _ in range(args.repeats))
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    saved = {"scores": out[:, :n_ref].float().cpu(), "boundary": {}}
+    run()  # warm-up
+    reset_peak_memory(args.device)
+    seconds = median_seconds(run, args.repeats, args.device)
+    peak = peak_memory_mib(args.device, baseline)
+    saved = {"scores": outputs[0][:, :n_ref].float().cpu(), "boundary": {}}
     if impl == "reference" and threshold is not None:
         subset = captions.slice(0, n_ref)
         saved["boundary"] = {key: _boundary_pairs(images, subset, threshold, eps) for key, eps in BOUNDARY.items()}
     torch.save(saved, scores_file)
     scale = n_cap / n_ref if impl == "reference" else 1.0
-    return {"seconds": seconds * scale, "extrapolated": scale != 1.0, "peak_mib": peak / 2**20, "size": [n_img, n_cap]}
+    flops = None if impl == "reference" else fast_path_flops(method, n_img, captions.mask.sum(dim=1).cpu())
+    return {
+        "seconds": seconds * scale, "extrapolated": scale != 1.0, "peak_mib": peak, "size": [n_img, n_cap],
+        "flops": flops,
+    }  # fmt: skip
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _subprocess(gallery: str, method: str, impl: str, args: argparse.Namespace, scores_file: str) -> dict:
-    case = json.dumps([gallery, method, impl, scores_file])
-    command = [
-        sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--scale", str(args.scale),
-        "--reference-captions", str(args.reference_captions), "--case", case,
+def _options(args: argparse.Namespace) -> list[str]:
+    return [
+        "--device", args.device, "--repeats", str(args.repeats), "--scale", str(args.scale),
+        "--reference-captions", str(args.reference_captions),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{gallery} {method} {impl} failed:\n{done.stderr}")
-    return json.loads(done.stdout)
 
 
 def _measure(
@@ -167,12 +201,13 @@ def _measure(
     key = json.dumps([gallery, {name: value for name, value in METHODS[method].items() if name != "compact"}])
     if key not in references:
         reference_file = folder / f"reference-{len(references)}.pt"
-        references[key] = (_subprocess(gallery, method, "reference", args, str(reference_file)), reference_file)
+        case = [gallery, method, "reference", str(reference_file)]
+        references[key] = (run_case(__file__, _options(args), case), reference_file)
     reference, reference_file = references[key]
     results = {}
     for impl in impls:
         scores_file = folder / f"{gallery}-{method}-{impl}.pt".replace(" ", "_")
-        results[impl] = _subprocess(gallery, method, impl, args, str(scores_file))
+        results[impl] = run_case(__file__, _options(args), [gallery, method, impl, str(scores_file)])
         results[impl] |= _agreement(gallery, method, impl, torch.load(scores_file), torch.load(reference_file))
     return gallery, method, results | {"reference": reference}
 
@@ -180,7 +215,7 @@ def _measure(
 def _agreement(gallery: str, method: str, impl: str, fast: dict, reference: dict) -> dict:
     """Stop unless the fast scores equal the reference's within the tolerance, except on pairs where a
     similarity sits on the threshold's boundary; return the largest difference elsewhere and those pairs' count."""
-    precision = "fp16" if "fp16" in impl else "fp32"
+    precision = _precision(impl)
     gap = (fast["scores"] - reference["scores"]).abs()  # [n_img, n_ref]
     boundary = reference["boundary"].get(precision, torch.zeros_like(gap, dtype=torch.bool))
     worst = float(gap.masked_fill(boundary, 0).max())
@@ -197,15 +232,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the numbers of images and captions")
     parser.add_argument("--reference-captions", type=int, default=200, help="captions the reference is timed on")
+    parser.add_argument("--galleries", nargs="+", choices=list(GALLERIES), help="default: f30k (CPU), both (CUDA)")
+    parser.add_argument(
+        "--precisions", nargs="+", choices=list(IMPLEMENTATIONS), help="fast-path rows; default fp32 (CPU), all (CUDA)"
+    )
+    parser.add_argument("--peak-tflops", help="peak dense TFLOP/s: one figure, or per dtype 'bf16=989,fp32=66.9'")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.case:
         gallery, method, impl, scores_file = json.loads(args.case)
-        print(json.dumps(_run_case(gallery, method, impl, args, scores_file)))
+        print_case_result(_run_case(gallery, method, impl, args, scores_file))
         return
 
-    galleries = ["f30k", "coco5k"] if args.device == "cuda" else ["f30k"]
-    impls = ["fast", "fast fp16"] if args.device == "cuda" else ["fast"]
+    cuda = args.device == "cuda"
+    galleries = args.galleries or (list(GALLERIES) if cuda else ["f30k"])
+    precisions = args.precisions or (["fp32", "fp16", "bf16"] if cuda else ["fp32"])
+    impls = [IMPLEMENTATIONS[precision] for precision in precisions]
     references: dict[str, tuple[dict, Path]] = {}
     with tempfile.TemporaryDirectory() as folder:
         rows = [
@@ -214,35 +256,63 @@ def main() -> None:
             for method in METHODS
         ]
     _print_table(rows, args)
+    _print_target(rows, args)
 
 
 def _print_table(rows: list[tuple], args: argparse.Namespace) -> None:
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
-        f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats} "
-        f"runs, scale {args.scale}, reference timed on {args.reference_captions} captions"
+        run_description(
+            args.device, args.repeats, f"scale {args.scale}", f"reference timed on {args.reference_captions} captions"
+        )
     )
     n_img, n_cap = (max(1, round(n * args.scale)) for n in GALLERIES["f30k"])
     print(f"inputs (fp32): {(n_img * REGIONS + n_cap * MAX_WORDS) * DIM * 4 / 2**20:.0f} MiB for the f30k gallery\n")
+    override = parse_peak_override(args.peak_tflops)
     memory = "peak MiB over inputs" if args.device == "cuda" else "peak RSS MiB"
-    header = f"{'gallery':18} {'method':14} {'implementation':14} {'seconds':>9} {'speed-up':>9} {memory:>20}"
-    print(f"{header} {'max |diff|':>10}")
+    header = ["gallery", "method", "implementation", "seconds", "speed-up", "TFLOP/s", "of peak", memory,
+              "max |diff|", "note"]  # fmt: skip
+    table = []
     for gallery, method, results in rows:
-        n_img, n_cap = results["fast"]["size"]
+        n_img, n_cap = results[next(iter(results))]["size"]
         for impl, result in results.items():
             speedup = results["reference"]["seconds"] / result["seconds"]
-            gap = f"{result['gap']:.1e}" if "gap" in result else "-"
+            peak = None if impl == "reference" else peak_tflops(args.device, _matmul_dtype(impl), override)
+            rate, share = achieved(result["flops"], result["seconds"], peak)
             notes = [
                 "extrapolated" if result["extrapolated"] else "",
                 f"{result['boundary_pairs']} of {result['pairs']} pairs on the threshold not compared"
                 if result.get("boundary_pairs")
                 else "",
+                "FLOPs counted without skipping" if impl != "reference" and METHODS[method].get("compact") else "",
             ]
-            note = "; ".join(filter(None, notes))
-            print(
-                f"{f'{gallery} {n_img}x{n_cap}':18} {method:14} {impl:14} {result['seconds']:>9.2f} {speedup:>8.1f}x "
-                f"{result['peak_mib']:>20.0f} {gap:>10}{f'  ({note})' if note else ''}"
-            )
+            table.append([
+                f"{gallery} {n_img}x{n_cap}", method, impl, f"{result['seconds']:.2f}", f"{speedup:.1f}x", rate, share,
+                f"{result['peak_mib']:.0f}", f"{result['gap']:.1e}" if "gap" in result else "-",
+                "; ".join(filter(None, notes)),
+            ])  # fmt: skip
+    print_table(header, table, align="lllrrrrrrl")
+
+
+def _matmul_dtype(impl: str) -> str:
+    return matmul_compute_dtype(_precision(impl))
+
+
+def _print_target(rows: list[tuple], args: argparse.Namespace) -> None:
+    """The performance target, judged on the fastest precision of each method over the full COCO 5K gallery."""
+    print(f"\ntarget: each method over COCO 5K ({GALLERIES[TARGET_GALLERY][0]:,} images x "
+          f"{GALLERIES[TARGET_GALLERY][1]:,} captions) in <= {TARGET_SECONDS:g} s on one H100")  # fmt: skip
+    measured = [(method, results) for gallery, method, results in rows if gallery == TARGET_GALLERY]
+    if args.device != "cuda":
+        print(f"  {target_verdict(0.0, TARGET_SECONDS, at_most=True, device=args.device)}")
+        return
+    if not measured or args.scale != 1.0:
+        print(f"  not measured: run with --device cuda --scale 1 and the {TARGET_GALLERY} gallery")
+        return
+    for method, results in measured:
+        fastest = min((impl for impl in results if impl != "reference"), key=lambda impl: results[impl]["seconds"])
+        seconds = results[fastest]["seconds"]
+        verdict = target_verdict(seconds, TARGET_SECONDS, at_most=True, device=args.device)
+        print(f"  {method}: {seconds:.2f} s ({fastest}): {verdict}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
+from itm.config import Processes
+from itm.distributed import relaunch_command
 from itm.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -36,3 +39,14 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def default_workers() -> int:
     """Image-decoding worker processes: one core is left to the model, at most four workers."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def relaunch_under_torchrun(module: str, argv: Sequence[str] | None, processes: Processes) -> None:
+    """When `processes` asks for more than one process and this is not yet one of torchrun's, run the stage
+    `python -m module argv` under torchrun and exit with its status; else return and run here."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = relaunch_command(module, args, processes.gpus, processes.nodes)
+    if command is None:
+        return
+    logging.getLogger(module).info("launching %d processes: %s", processes.gpus * processes.nodes, " ".join(command))
+    raise SystemExit(subprocess.run(command, check=False).returncode)

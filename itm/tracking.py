@@ -245,6 +245,13 @@ def start_run(
         yield tracker
 
 
+def start_run_on_main(
+    is_main: bool, stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+) -> contextlib.AbstractContextManager[Tracker]:
+    """`start_run` in the process that logs (rank 0 of a distributed stage); a `NullTracker` in the others."""
+    return start_run(stage, params, tags) if is_main else contextlib.nullcontext(NullTracker())
+
+
 def _open_tracker(stage: str, tags: Mapping[str, str] | None) -> contextlib.AbstractContextManager[Tracker]:
     if os.environ.get("ITM_TRACKING", "").lower() in {"off", "0", "false", "none"}:
         return contextlib.nullcontext(NullTracker())

@@ -1,4 +1,9 @@
-"""DVC stage `regions`: bottom-up regions of every image, from the detector or from SCAN's precomputed release."""
+"""DVC stage `regions`: bottom-up regions of every image, from the detector or from SCAN's precomputed release.
+
+With `regions.gpus` x `regions.nodes` above one, extraction re-launches itself under torchrun: every process extracts
+its share of the shards, and rank 0 alone writes the region store, the metrics file and the MLflow run. Importing
+precomputed features stays one process's work.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,15 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.cli import default_workers, run_stage
-from itm.config import PARAMS_FILE, load_params
+from itm import distributed
+from itm.cli import default_workers, relaunch_under_torchrun, run_stage
+from itm.config import PARAMS_FILE, Params, RegionParams, load_params
 from itm.data.precomp import import_precomp
 from itm.data.records import DATASET_JSON
 from itm.detect.extract import Extraction, Selection
 from itm.detect.stages import extract_regions
 from itm.device import default_device
-from itm.tracking import start_run
+from itm.tracking import start_run_on_main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -31,29 +37,44 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params(args.params)
     settings = params.regions
-    with start_run("regions", params={"regions": settings.model_dump(mode="json")}) as tracker:
-        if settings.source == "precomp":
-            id_field = "source_id" if params.active_dataset.kind == "coco" else "imgid"
-            summary = import_precomp(
-                Path(settings.precomp_dir), args.dataset / DATASET_JSON, args.out, id_field=id_field
-            )
-        else:
-            extraction = Extraction(
-                Selection(
-                    settings.nms_threshold, settings.confidence_threshold, settings.min_boxes, settings.max_boxes
-                ),
-                batch_size=settings.batch_size,
-                precision=settings.precision,
-                shard_size=args.shard_size,
-                workers=args.workers,
-                device=default_device(),
-            )
-            summary = extract_regions(args.dataset, args.detector, args.out, args.work, extraction, tracker=tracker)
-        tracker.log_metrics(summary)
-    # Throughput goes to MLflow and the log only: in the DVC metrics file it would differ on every run.
+    if settings.source == "detector":
+        relaunch_under_torchrun("stages.regions", argv, settings)
+    with distributed.processes(default_device()) as context:
+        if settings.source == "precomp" and not context.is_main:
+            return  # the import is one process's work
+        run_params = {"regions": settings.model_dump(mode="json")}
+        with start_run_on_main(context.is_main, "regions", params=run_params) as tracker:
+            if settings.source == "precomp":
+                summary = _import_precomputed(params, args)
+            else:
+                extraction = _extraction(settings, args.shard_size, args.workers)
+                summary = extract_regions(
+                    args.dataset, args.detector, args.out, args.work, extraction, tracker=tracker, context=context
+                )
+            tracker.log_metrics(summary)
+        if context.is_main:
+            _write_metrics(args.metrics, summary)
+
+
+def _import_precomputed(params: Params, args: argparse.Namespace) -> dict[str, float]:
+    """SCAN's precomputed features as the region store."""
+    assert params.regions.precomp_dir is not None  # enforced by the params schema
+    id_field = "source_id" if params.active_dataset.kind == "coco" else "imgid"
+    return import_precomp(Path(params.regions.precomp_dir), args.dataset / DATASET_JSON, args.out, id_field=id_field)
+
+
+def _extraction(settings: RegionParams, shard_size: int, workers: int) -> Extraction:
+    selection = Selection(settings.nms_threshold, settings.confidence_threshold, settings.min_boxes, settings.max_boxes)
+    return Extraction(
+        selection, batch_size=settings.batch_size, precision=settings.precision, shard_size=shard_size, workers=workers
+    )
+
+
+def _write_metrics(path: Path, summary: dict[str, float]) -> None:
+    """The DVC metrics file. Throughput goes to MLflow and the log only: here it would differ on every run."""
     figures = {key: value for key, value in summary.items() if not key.endswith("images_per_second")}
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(figures, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.cli import default_workers, run_stage
+from itm import distributed
+from itm.cli import default_workers, relaunch_under_torchrun, run_stage
 from itm.config import PARAMS_FILE, load_params
 from itm.device import default_device
 from itm.errors import UserError
-from itm.tracking import start_run
+from itm.tracking import start_run_on_main
 from itm.train.run import resolved_settings, train_matcher
 
 
@@ -32,8 +33,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     matcher = params.matchers[args.matcher]
     logged = {"matcher": args.matcher, "matchers": {args.matcher: matcher.model_dump(mode="json")}}
     logged |= {"train": resolved_settings(matcher, params.train).model_dump(mode="json"), "dataset": params.dataset}
+    relaunch_under_torchrun("stages.train", argv, params.train)
     tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset}
-    with start_run(f"train@{args.matcher}", params=logged, tags=tags) as tracker:
+    with (
+        distributed.processes(default_device()) as context,
+        # rank 0 alone logs to MLflow and writes the model; every process trains
+        start_run_on_main(context.is_main, f"train@{args.matcher}", params=logged, tags=tags) as tracker,
+    ):
         train_matcher(
             args.matcher,
             matcher,
@@ -43,9 +49,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             out_dir=args.out,
             work_dir=args.work,
             tracker=tracker,
-            device=default_device(),
+            device=context.device,
             workers=args.workers,
             dataset_dir=args.dataset,
+            context=context,
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from itm.data.regions import ImageRegions, RegionStore, write_store
+from itm.device import autocast
 from itm.errors import UserError
 from itm.evaluate.ensemble import average_scores
 from itm.evaluate.metrics import naive_recall_metrics, recall_metrics
@@ -298,8 +301,8 @@ def test_chunked_scoring_equals_one_block(tmp_path: Path) -> None:
     matcher = _matcher()
     images = encode_images(matcher, store, store.image_ids, batch_size=3, device=CPU)
     captions = encode_captions(matcher, token_ids, batch_size=4, device=CPU)
-    whole = score_matrix(matcher, images, captions, image_chunk=100, caption_chunk=100, device=CPU, amp=True)
-    chunked = score_matrix(matcher, images, captions, image_chunk=2, caption_chunk=5, device=CPU, amp=True)
+    whole = score_matrix(matcher, images, captions, image_chunk=100, caption_chunk=100, device=CPU, precision="fp16")
+    chunked = score_matrix(matcher, images, captions, image_chunk=2, caption_chunk=5, device=CPU, precision="fp16")
     assert whole.matrix.shape == (7, 17) and whole.matrix.dtype == torch.float32
     _assert_close(chunked.matrix, whole.matrix)
     _assert_close(whole.matrix, matcher.score(images, captions))
@@ -308,7 +311,9 @@ def test_chunked_scoring_equals_one_block(tmp_path: Path) -> None:
     timing = retrieval_timing(chunked, len(token_ids))
     assert timing["seconds_per_query"] == pytest.approx(chunked.score_seconds / 17)
     assert timing.keys() == {"seconds_per_query", "score_seconds", "encode_seconds"}
-    plain = score_matrix(matcher, images.slice(0, 7), captions, image_chunk=3, caption_chunk=3, device=CPU, amp=False)
+    plain = score_matrix(
+        matcher, images.slice(0, 7), captions, image_chunk=3, caption_chunk=3, device=CPU, precision="fp32"
+    )
     assert plain.encode_seconds is None and "encode_seconds" not in retrieval_timing(plain)
 
 
@@ -323,8 +328,22 @@ def test_score_matrix_runs_in_eval_mode() -> None:
     matcher = Matcher(_MeanRegions(6, 8), _MeanWords(30, 8), Spy(), nn.Identity())
     images = Encoded(torch.randn(4, 3, 8), torch.ones(4, 3, dtype=torch.bool), torch.randn(4, 8))
     captions = Encoded(torch.randn(6, 2, 8), torch.ones(6, 2, dtype=torch.bool), torch.randn(6, 8))
-    scored = score_matrix(matcher, images, captions, image_chunk=3, caption_chunk=4, device=CPU, amp=False)
+    scored = score_matrix(matcher, images, captions, image_chunk=3, caption_chunk=4, device=CPU, precision="fp32")
     assert isinstance(scored, Scored) and seen == [False] * 4 and matcher.training
+
+
+def test_precision_autocasts_only_on_cuda() -> None:
+    cuda = torch.device("cuda")
+    for precision in ("bf16", "fp16", "fp32"):
+        assert isinstance(autocast(precision, CPU), contextlib.nullcontext)  # the CPU scores in fp32
+    assert isinstance(autocast("fp32", cuda), contextlib.nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": the object is made all the same
+        assert autocast("bf16", cuda).fast_dtype == torch.bfloat16
+        assert autocast("fp16", cuda).fast_dtype == torch.float16
+    images = Encoded(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp16, fp32, got 'amp'"):
+        score_matrix(_matcher(), images, images, image_chunk=2, caption_chunk=2, device=CPU, precision="amp")
 
 
 # --- ensemble --------------------------------------------------------------------------------------------------

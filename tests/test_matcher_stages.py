@@ -276,3 +276,42 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_two_processes_train_and_evaluate_under_torchrun(prepared: Path) -> None:
+    """`train.gpus: 2` and `evaluate.gpus: 2` on a CPU: each stage re-launches itself under torchrun as two gloo
+    processes. Training matches one process with the same global batch up to rounding (SCAN has no parameter with a
+    rounding-only gradient), rank 0 alone writes the model; evaluation gives exactly one process's figures."""
+    name = "scan_t2i_avg"
+    raw = yaml.safe_load((prepared / "params.yaml").read_text())
+    raw["train"] |= {"gpus": 2}
+    raw["evaluate"] |= {"gpus": 2}
+    two = prepared / "params_two_processes.yaml"
+    two.write_text(yaml.safe_dump(raw))
+    single = prepared / "models" / name
+    if not single.exists():
+        _train(prepared, name)
+    out, scores = prepared / "models" / f"{name}_ddp", prepared / "scores" / f"{name}_ddp.npz"
+    metrics = prepared / "metrics" / f"{name}_ddp.json"
+    common = ["--regions", str(prepared / "data/regions"), "--captions", str(prepared / "data/captions")]
+    for command in (
+        ["-m", "stages.train", "--params", str(two), "--matcher", name, "--out", str(out),
+         "--work", str(prepared / "work" / f"{name}_ddp"), "--workers", "0", *common],
+        ["-m", "stages.evaluate", "--params", str(two), "--matcher", name, "--model", str(single),
+         "--scores", str(scores), "--metrics", str(metrics), "--plots", str(prepared / "plots" / f"{name}_ddp"),
+         *common],
+    ):  # fmt: skip
+        done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "launching 2 processes" in done.stderr
+
+    first = torch.load(single / "model.pt", weights_only=True)
+    second = torch.load(out / "model.pt", weights_only=True)
+    assert second["card"]["train"]["gpus"] == 2 and first["card"]["best_epoch"] == second["card"]["best_epoch"]
+    for key, value in first["state_dict"].items():
+        torch.testing.assert_close(second["state_dict"][key], value, rtol=1e-3, atol=1e-4, msg=key)
+    distributed_figures, single_figures = json.loads(metrics.read_text()), _evaluate(prepared, name)
+    assert distributed_figures.keys() == single_figures.keys()
+    assert {key: value for key, value in distributed_figures.items() if "seconds" not in key} == {
+        key: value for key, value in single_figures.items() if "seconds" not in key
+    }

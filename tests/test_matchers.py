@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import TypeAdapter
-from torch import Tensor
+from torch import Tensor, nn
 
 from itm.config import MatcherParams
 from itm.data.concepts import Concepts
@@ -340,7 +340,18 @@ def test_threshold_samples_follow_naaf() -> None:
     _close(irrelevant, torch.cat([best(1, 0), best(0, 2)]), atol=1e-6)
 
 
-def test_uarda_scorer_updates_its_threshold_in_training_only() -> None:
+class _Given(nn.Module):
+    """An encoder that returns a fixed encoding, whatever the batch."""
+
+    def __init__(self, encoded: Encoded) -> None:
+        super().__init__()
+        self.encoded = encoded
+
+    def forward(self, _batch: object) -> Encoded:
+        return self.encoded
+
+
+def test_uarda_threshold_learns_from_training_steps_only() -> None:
     """Captions made of noisy copies of their image's regions: matches rank first, so a training step samples."""
     generator = torch.Generator().manual_seed(50)
     images = _encoded(6, 5, 16, low=5, seed=51)
@@ -348,10 +359,12 @@ def test_uarda_scorer_updates_its_threshold_in_training_only() -> None:
     captions = Encoded(words, torch.ones(6, 4, dtype=torch.bool))
     threshold = RelevanceThreshold(0.0, estimator="gaussian", alpha=2.0, momentum=1.0, min_samples=20)
     scorer = UardaScorer(threshold, "avg", 9.0, 6.0, skip_queries=True)
+    matcher = Matcher(_Given(images), _Given(captions), scorer, ContrastiveLoss(0.2, True))
 
-    scorer.eval()(images, captions)
+    scorer.train()(images, captions)  # scoring alone, even in training mode, leaves t
+    matcher.eval()(None, None)
     assert float(threshold.value) == 0.0
-    scorer.train()(images, captions)
+    matcher.train()(None, None)
     relevant, irrelevant = threshold_samples(images, captions, scorer(images, captions))
     assert len(relevant) == 24  # every caption ranked its image first
     assert float(irrelevant.mean()) < float(threshold.value) < float(relevant.mean())

@@ -91,7 +91,7 @@ def full_scores(repo: Path) -> dict[str, SplitScores]:
     for name in TRAINED:
         path = repo / "scores" / f"{name}.npz"
         evaluate_matcher(repo / "models" / name, repo / "data/regions", repo / "data/captions", "synthetic",
-                         scores_path=path, device=CPU, batch_size=16, amp=False)  # fmt: skip
+                         scores_path=path, device=CPU, batch_size=16, precision="fp32")  # fmt: skip
         matrices[name] = SplitScores.load(path)
     return matrices
 

@@ -1,9 +1,17 @@
-"""Extracting bottom-up regions for every image of a dataset, in resumable shards.
+"""Extracting bottom-up regions for every image of a dataset, in resumable shards, by one or several processes.
 
-Each split's images are cut into shards of `shard_size` images (in image-id order). A finished shard is a file in
-the work folder, written atomically, so an interrupted run redoes at most one shard. When every shard exists they
-are merged into the region store (`itm.data.regions`). Images that cannot be decoded are recorded as failures and
-skipped; the run still completes.
+Each split's images are cut into shards of `shard_size` consecutive images (in dataset order). A finished shard is a
+file in the work folder (`shard-00000.npz`, ...), written atomically, so an interrupted run redoes at most one shard
+per process. When every shard exists they are merged into the region store (`itm.data.regions`). Images that cannot
+be decoded are recorded as failures and skipped; the run still completes.
+
+Under torchrun (`itm.distributed`) the ranks share the work: at the start of a split rank 0 lists the shards that
+have no file yet and every rank takes a contiguous range of that list (`shard_range`), so a resumed run divides the
+work that is left evenly, whoever wrote the finished shards. Each rank writes only its own shard files, on its own
+device (`Context.device`); the work folder must be one that every rank sees (a shared filesystem across nodes). Once
+every rank is done, rank 0 alone merges the shards in dataset order, writes the store and removes the work folder;
+the store is byte for byte the one a single process writes, as every shard holds the same images in the same
+batches. Throughput is the whole job's: every rank's images over the slowest rank's time.
 """
 
 from __future__ import annotations
@@ -14,8 +22,8 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +39,13 @@ from itm.data.regions import Failure, ImageRegions, StoreWriter
 from itm.detect.images import UnreadableImageError, load_bgr
 from itm.detect.model import BottomUpDetector
 from itm.detect.selection import region_labels, select_regions
+from itm.distributed import Context, all_gather_cat, broadcast_object, shard_range
+from itm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SINGLE_PROCESS = Context()  # extraction without torchrun, on the CPU
 
 
 @dataclass(frozen=True)
@@ -49,14 +60,14 @@ class Selection:
 
 @dataclass(frozen=True)
 class Extraction:
-    """How an extraction run goes: the selection, batching, precision, shards and devices."""
+    """How an extraction run goes: the selection, batching, precision, shards and decoding processes (the device is
+    each process's own: `Context.device`)."""
 
     selection: Selection
     batch_size: int = 4
     precision: str = "fp32"  # a key of PRECISIONS
     shard_size: int = 500  # images per resumable shard
-    workers: int = 0  # image-decoding processes
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    workers: int = 0  # image-decoding processes (of each rank)
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------
@@ -199,9 +210,60 @@ def _load_shard(path: Path) -> tuple[list[ImageRegions], list[Failure]]:
     return regions, failures
 
 
-def _shards(records: Sequence[ImageRecord], shard_size: int) -> Iterator[tuple[int, Sequence[ImageRecord]]]:
-    for index, start in enumerate(range(0, len(records), shard_size)):
-        yield index, records[start : start + shard_size]
+def _shard_count(n_records: int, shard_size: int) -> int:
+    return (n_records + shard_size - 1) // shard_size
+
+
+def _shard_records(records: Sequence[ImageRecord], shard_size: int, index: int) -> Sequence[ImageRecord]:
+    return records[index * shard_size : (index + 1) * shard_size]
+
+
+def _missing_shards(work_dir: Path, n_shards: int, context: Context) -> list[int]:
+    """Indices of the shards without a file, as rank 0 sees them: every rank then divides the same list."""
+    missing = [i for i in range(n_shards) if not _shard_path(work_dir, i).is_file()] if context.is_main else None
+    return broadcast_object(missing, context)  # type: ignore[return-value]
+
+
+def _extract_shard(
+    model: BottomUpDetector,
+    shard: Sequence[ImageRecord],
+    images_dir: Path,
+    settings: Extraction,
+    device: torch.device,
+    bar: tqdm,
+) -> tuple[list[ImageRegions], list[Failure]]:
+    """Regions of the readable images of one shard, and the images that could not be read."""
+    loader = DataLoader(
+        _ImageFiles(shard, images_dir),
+        batch_size=settings.batch_size,
+        num_workers=settings.workers,
+        collate_fn=_as_list,
+    )
+    regions: list[ImageRegions] = []
+    failures: list[Failure] = []
+    for batch in loader:
+        readable = [(record, image) for record, image in batch if not isinstance(image, str)]
+        failures += [Failure(r.imgid, r.filename, image) for r, image in batch if isinstance(image, str)]
+        if readable:
+            images = [image.to(device) for _, image in readable]
+            ids = [r.imgid for r, _ in readable]
+            regions += regions_of_batch(model, images, ids, settings.selection, settings.precision)
+        bar.update(len(batch))
+    return regions, failures
+
+
+def _throughput(processed: int, elapsed: float, label: str, context: Context) -> dict[str, float]:
+    """Images per second of the whole job on a split: every rank's images over the slowest rank's time (the same
+    figures on every rank); empty when no rank had anything to do."""
+    per_rank = all_gather_cat(torch.tensor([[float(processed), elapsed]], dtype=torch.float64), context)
+    images, slowest = int(per_rank[:, 0].sum()), float(per_rank[:, 1].max())
+    if not images:
+        return {}
+    rate = images / slowest
+    if context.is_main:
+        processes = f" in {context.world_size} processes" if context.distributed else ""
+        log.info("%s: %d images in %.1f s (%.1f images/s%s)", label, images, slowest, rate, processes)
+    return {f"{label}/images_per_second": rate}
 
 
 def extract_split(
@@ -211,47 +273,32 @@ def extract_split(
     work_dir: Path,
     settings: Extraction,
     label: str,
+    context: Context = SINGLE_PROCESS,
 ) -> dict[str, float]:
-    """Write every missing shard of `records` into `work_dir`; returns throughput figures of this run."""
+    """Write this rank's share of the missing shards of `records` into `work_dir`; returns the throughput figures
+    of this run over all ranks. Every rank must call it (it synchronises them)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     feature_dim = model.roi_heads.box_head.out_channels
-    shards = _shards(records, settings.shard_size)
-    todo = [(i, shard) for i, shard in shards if not _shard_path(work_dir, i).is_file()]
-    done_images = len(records) - sum(len(shard) for _, shard in todo)
-    if done_images:
+    missing = _missing_shards(work_dir, _shard_count(len(records), settings.shard_size), context)
+    done_images = len(records) - sum(len(_shard_records(records, settings.shard_size, i)) for i in missing)
+    if done_images and context.is_main:
         log.info("%s: %d images already extracted, resuming", label, done_images)
+    mine = [missing[i] for i in shard_range(len(missing), context.rank, context.world_size)]
+    shards = {index: _shard_records(records, settings.shard_size, index) for index in mine}
+    desc = f"regions {label}" + (f" [rank 0 of {context.world_size}]" if context.distributed else "")
+    bar = tqdm(total=sum(map(len, shards.values())), desc=desc, unit="img", mininterval=5, disable=not context.is_main)
     processed, started = 0, time.perf_counter()
-    bar = tqdm(total=len(records), initial=done_images, desc=f"regions {label}", unit="img", mininterval=5)
-    for index, shard in todo:
-        loader = DataLoader(
-            _ImageFiles(shard, images_dir),
-            batch_size=settings.batch_size,
-            num_workers=settings.workers,
-            collate_fn=_as_list,
-        )
-        regions: list[ImageRegions] = []
-        failures: list[Failure] = []
-        for batch in loader:
-            readable = [(record, image) for record, image in batch if not isinstance(image, str)]
-            failures += [Failure(r.imgid, r.filename, image) for r, image in batch if isinstance(image, str)]
-            if readable:
-                images = [image.to(settings.device) for _, image in readable]
-                ids = [r.imgid for r, _ in readable]
-                regions += regions_of_batch(model, images, ids, settings.selection, settings.precision)
-            processed += len(batch)
-            bar.update(len(batch))
+    for index, shard in shards.items():
+        regions, failures = _extract_shard(model, shard, images_dir, settings, context.device, bar)
         _save_shard(_shard_path(work_dir, index), regions, failures, feature_dim)
+        processed += len(shard)
     bar.close()
-    elapsed = time.perf_counter() - started
-    rate = processed / elapsed if processed else 0.0
-    if processed:
-        log.info("%s: %d images in %.1f s (%.1f images/s)", label, processed, elapsed, rate)
-    return {f"{label}/images_per_second": rate} if processed else {}
+    return _throughput(processed, time.perf_counter() - started, label, context)
 
 
 def merge_shards(work_dir: Path, folder: Path, n_records: int, shard_size: int, feature_dim: int, info: dict) -> dict:
     """Write the split's region store from its shards; returns image, box and failure counts."""
-    indices = range((n_records + shard_size - 1) // shard_size)
+    indices = range(_shard_count(n_records, shard_size))
     total = 0
     for index in indices:
         with np.load(_shard_path(work_dir, index)) as shard:
@@ -274,21 +321,28 @@ def work_fingerprint(**settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def extract_dataset(
-    model: BottomUpDetector,
-    records: Sequence[ImageRecord],
-    dataset_dir: Path,
-    out_dir: Path,
+def _check_shards_written(work_dir: Path, n_records: int, shard_size: int) -> None:
+    """Refuse to merge when a shard file is missing: under several nodes, the work folder is not shared."""
+    absent = [i for i in range(_shard_count(n_records, shard_size)) if not _shard_path(work_dir, i).is_file()]
+    if absent:
+        raise UserError(
+            f"{work_dir}: {len(absent)} shard files missing after extraction (first: "
+            f"{_shard_path(work_dir, absent[0]).name}); with several nodes the work folder must be shared by all"
+        )
+
+
+def _merge_splits(
+    by_split: dict[str, list[ImageRecord]],
     work_dir: Path,
+    out_dir: Path,
     settings: Extraction,
+    feature_dim: int,
     info: dict[str, Any],
 ) -> dict[str, float]:
-    """Regions of every split into `out_dir/<split>/` (atomically); the work folder is removed when done."""
-    feature_dim = model.roi_heads.box_head.out_channels
+    """Every split's shards into `out_dir/<split>/` (atomically); returns the image, box and failure counts."""
     summary: dict[str, float] = {}
-    by_split = {split: [r for r in records if r.split == split] for split in SPLITS}
     for split, split_records in by_split.items():
-        summary |= extract_split(model, split_records, dataset_dir / IMAGES_DIR, work_dir / split, settings, split)
+        _check_shards_written(work_dir / split, len(split_records), settings.shard_size)
     with staged_dir(out_dir) as staging:
         for split, split_records in by_split.items():
             counts = merge_shards(
@@ -297,5 +351,34 @@ def extract_dataset(
             summary |= {f"{split}/{key}": value for key, value in counts.items()}
             if counts["failures"]:
                 log.warning("%s: %d images could not be read (see failures.parquet)", split, counts["failures"])
-    shutil.rmtree(work_dir)
+    return summary
+
+
+def extract_dataset(
+    model: BottomUpDetector,
+    records: Sequence[ImageRecord],
+    dataset_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    settings: Extraction,
+    info: dict[str, Any],
+    context: Context = SINGLE_PROCESS,
+) -> dict[str, float]:
+    """Regions of every split into `out_dir/<split>/` (atomically); the work folder is removed when done.
+
+    Every rank calls it with the same arguments (`model` on its `context.device`) and extracts its share of the
+    shards; rank 0 alone then writes the store and returns its counts with the throughput, while the other ranks
+    return the throughput only and write nothing else.
+    """
+    by_split = {split: [r for r in records if r.split == split] for split in SPLITS}
+    summary: dict[str, float] = {}
+    for split, split_records in by_split.items():
+        summary |= extract_split(
+            model, split_records, dataset_dir / IMAGES_DIR, work_dir / split, settings, split, context
+        )
+    context.barrier()  # every rank's shards are on disk
+    if context.is_main:
+        feature_dim = model.roi_heads.box_head.out_channels
+        summary |= _merge_splits(by_split, work_dir, out_dir, settings, feature_dim, info)
+        shutil.rmtree(work_dir)
     return summary

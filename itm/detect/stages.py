@@ -18,11 +18,12 @@ from itm.data.regions import RegionStore
 from itm.data.synthetic import OBJECTS_FILE
 from itm.detect.convert import load_pretrained
 from itm.detect.data import read_annotations, read_vocabularies
-from itm.detect.extract import Extraction, extract_dataset, precision_agreement, work_fingerprint
+from itm.detect.extract import SINGLE_PROCESS, Extraction, extract_dataset, precision_agreement, work_fingerprint
 from itm.detect.images import UnreadableImageError, load_bgr
 from itm.detect.metrics import ground_truth_coverage
 from itm.detect.saved import load_detector, save_detector, write_card
 from itm.detect.train import train_detector
+from itm.distributed import Context
 from itm.errors import UserError
 from itm.tracking import Tracker
 
@@ -147,32 +148,41 @@ def extract_regions(
     settings: Extraction,
     *,
     tracker: Tracker,
+    context: Context = SINGLE_PROCESS,
 ) -> dict[str, float]:
-    """Regions of every image with the saved detector; resumes from finished shards under `work_root`."""
-    model, card = load_detector(detector_dir, settings.device)
+    """Regions of every image with the saved detector; resumes from finished shards under `work_root`.
+
+    Every rank of `context` calls it and extracts its share of the images on its device; rank 0 alone checks the
+    reduced precision, writes the store and measures the ground-truth coverage (see `extract_dataset`).
+    """
+    model, card = load_detector(detector_dir, context.device)
     records = read_dataset_json(dataset_dir / DATASET_JSON)
     identity = {"detector": card["sha256"], "data": file_digest(dataset_dir / DATASET_JSON)}
-    identity |= {key: value for key, value in vars(settings).items() if key not in ("workers", "device")}
+    identity |= {key: value for key, value in vars(settings).items() if key != "workers"}
     work_dir = work_root / work_fingerprint(**identity)
     info = {"source": "detector", "detector_sha256": card["sha256"], "selection": vars(settings.selection)}
     info |= {"precision": settings.precision}
-    if settings.precision != "fp32":
-        info["precision_check"] = _check_precision(model, records, dataset_dir, settings)
+    if settings.precision != "fp32" and context.is_main:
+        info["precision_check"] = _check_precision(model, records, dataset_dir, settings, context.device)
         tracker.log_metrics({f"precision/{key}": value for key, value in info["precision_check"].items()})
-    summary = extract_dataset(model, records, dataset_dir, out_dir, work_dir, settings, info)
-    if (dataset_dir / OBJECTS_FILE).is_file():
+    summary = extract_dataset(model, records, dataset_dir, out_dir, work_dir, settings, info, context)
+    if context.is_main and (dataset_dir / OBJECTS_FILE).is_file():
         summary |= coverage_by_split(dataset_dir, out_dir, records)
     return summary
 
 
 def _check_precision(
-    model: torch.nn.Module, records: list[ImageRecord], dataset_dir: Path, settings: Extraction
+    model: torch.nn.Module,
+    records: list[ImageRecord],
+    dataset_dir: Path,
+    settings: Extraction,
+    device: torch.device,
 ) -> dict[str, float]:
     """Compare reduced precision with fp32 on the first readable images, and warn when they drift apart."""
     images = []
     for record in records:
         try:
-            images.append(load_bgr(dataset_dir / IMAGES_DIR / record.filename).to(settings.device))
+            images.append(load_bgr(dataset_dir / IMAGES_DIR / record.filename).to(device))
         except UnreadableImageError:
             continue
         if len(images) == settings.batch_size:

@@ -14,6 +14,7 @@ from itm.atomic import staged_file
 from itm.data.captions import VOCAB_FILE, read_concepts
 from itm.data.loaders import captions_for, image_store, read_captions, with_regions
 from itm.data.vocab import load_vocab
+from itm.distributed import Context
 from itm.errors import UserError
 from itm.evaluate.completion import ConceptCompletion
 from itm.evaluate.ensemble import average_scores
@@ -88,12 +89,17 @@ def evaluate_matcher(
     scores_path: Path,
     device: torch.device,
     batch_size: int,
-    amp: bool,
+    precision: str,
     completion: ConceptCompletion | None = None,
     dataset_dir: Path | None = None,
     run_id: str | None = None,
+    context: Context | None = None,
 ) -> dict[str, float]:
     """Score the whole test gallery, save the matrix, and return the protocol figures and retrieval times.
+
+    Scoring autocasts to `precision` on a GPU (`itm.evaluate.scoring.autocast`). With several processes
+    (`context`, each on its own `device`), every rank takes part in encoding and scoring and returns the figures;
+    rank 0 alone writes the matrix.
 
     A concept-aware matcher labels each test caption with the concepts of its own words, completed transductively
     from neighbouring test captions when `completion` is given; its figures then include
@@ -109,10 +115,18 @@ def evaluate_matcher(
     captions = read_captions(captions_dir, "test", concepts=labelled, texts=matcher.tokenizer is not None)
     captions = captions_for(matcher, with_regions(captions, store, "test"))
     scored, image_ids, caption_image = score_split(
-        matcher, store, captions, batch_size=batch_size, device=device, amp=amp, completion=completion
+        matcher,
+        store,
+        captions,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        completion=completion,
+        context=context,
     )
     test = SplitScores(scored.matrix, np.array(image_ids), captions.caption_ids, caption_image, run_id)
-    test.save(scores_path)
+    if context is None or context.is_main:
+        test.save(scores_path)
     figures = figures_for(test, dataset_kind)
     figures |= {f"test/{key}": value for key, value in retrieval_timing(scored, len(captions.token_ids)).items()}
     if labelled:

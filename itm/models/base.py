@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from itm import distributed
+from itm.distributed import Context
+
 
 @dataclass(frozen=True)
 class Regions:
@@ -90,6 +93,16 @@ class Encoded:
             {key: value[start:stop] for key, value in self.extras.items()},
         )
 
+    def gathered(self, context: Context) -> Encoded:
+        """The whole batch of every process (rank order), differentiable towards this process's own items;
+        fragments padded to the longest over the processes."""
+        return Encoded(
+            distributed.gather_with_grad(self.local, context),
+            distributed.gather_with_grad(self.mask, context),
+            None if self.pooled is None else distributed.gather_with_grad(self.pooled, context),
+            {key: distributed.gather_with_grad(value, context) for key, value in self.extras.items()},
+        )
+
 
 class Matcher(nn.Module):
     """Image-text matcher assembled from its parts.
@@ -100,6 +113,8 @@ class Matcher(nn.Module):
       in training mode it may assume the batch is aligned (image i matches caption i), e.g. to update statistics;
     - `loss(scores [B, B], images, captions) -> {"loss": total, ...named terms}` with the matches on the diagonal;
       the encodings are there for losses with terms beyond the scores (CVSE's per-level rankings and KL term).
+    A scorer may define `observe(images, captions, scores)`, called in training with the aligned batch and its
+    detached scores (e.g. UARDA's threshold statistics).
 
     `n_concepts` > 0 declares that the text encoder reads `Captions.concepts` over that many concepts, so data
     loaders attach them. `pixels` declares that the image encoder reads `Pixels` (prepared as the spec says)
@@ -138,10 +153,28 @@ class Matcher(nn.Module):
         """[n_images, n_captions] similarity of every image with every caption."""
         return self.scorer(images, captions)
 
-    def forward(self, image_batch: Regions | Pixels, captions: Captions) -> dict[str, Tensor]:
-        """Training step on an aligned batch: the named loss terms, total under "loss"."""
+    def forward(
+        self, image_batch: Regions | Pixels, captions: Captions, context: Context | None = None
+    ) -> dict[str, Tensor]:
+        """Training step on an aligned batch: the named loss terms, total under "loss".
+
+        With several processes (`context`), each encodes its share of the global batch; the encodings are gathered
+        (differentiably), each process scores its own images against every caption of the global batch, and the
+        score rows are gathered, so every process computes the loss of the whole global batch: hardest negatives
+        come from all of it. Averaged over the processes (DDP), the gradients equal one process's on that batch.
+        """
         images, texts = self.encode_image(image_batch), self.encode_text(captions)
-        return self.loss(self.score(images, texts), images, texts)
+        if context is not None and context.distributed:
+            own = len(images)
+            images, texts = images.gathered(context), texts.gathered(context)
+            start = context.rank * own
+            scores = distributed.gather_with_grad(self.score(images.slice(start, start + own), texts), context)
+        else:
+            scores = self.score(images, texts)
+        observe = getattr(self.scorer, "observe", None)
+        if observe is not None and self.training:
+            observe(images, texts, scores.detach())
+        return self.loss(scores, images, texts)
 
     def end_epoch(self) -> dict[str, float]:
         """Tell the loss an epoch of training is over; the figures it reports (none for most losses)."""

@@ -80,6 +80,11 @@ class ConceptGCN(nn.Module):
         return l2norm(self.adjacency @ (hidden @ self.weight_out))  # [K, E]
 
 
+class SetNorm(nn.BatchNorm1d):
+    """BatchNorm over a fixed set that every process holds whole (the concept embeddings), not over the batch: its
+    statistics are never shared between processes (itm/train/batch_norm.py converts plain BatchNorm1d only)."""
+
+
 class ConceptPredictor(nn.Module):
     """Concept scores of an instance embedding (CVSE `Consensus_level_feature_learning`), as log-probabilities:
 
@@ -91,7 +96,7 @@ class ConceptPredictor(nn.Module):
 
     def __init__(self, embed_dim: int, smoothing: float) -> None:
         super().__init__()
-        self.concept_branch = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(embed_dim), nn.Tanh())
+        self.concept_branch = nn.Sequential(nn.Linear(embed_dim, embed_dim), SetNorm(embed_dim), nn.Tanh())
         self.instance_branch = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(embed_dim), nn.Tanh())
         self.score = nn.Linear(embed_dim, 1)
         self.smoothing = smoothing

@@ -141,7 +141,7 @@ def _best_region(regions: Tensor, region_mask: Tensor, words: Tensor) -> Tensor:
 class UardaScorer(nn.Module):
     """SCAN t2i with UARDA's relevance threshold, [n_images, n_captions].
 
-    In training mode (aligned batch) it feeds the threshold estimator after scoring. In eval mode with
+    `observe` feeds the threshold estimator from an aligned training batch. In eval mode with
     `skip_queries` the words without a region above t are compacted away before the attention.
     """
 
@@ -172,9 +172,12 @@ class UardaScorer(nn.Module):
             compact=self.skip_queries and not self.training,
             max_elements=self.max_elements,
         )
-        if self.training and self.threshold.learns and len(images) == len(captions):
-            self.threshold.observe(*threshold_samples(images, captions, scores.detach()))
         return scores
+
+    def observe(self, images: Encoded, captions: Encoded, scores: Tensor) -> None:
+        """Feed the threshold estimator from an aligned training batch and its scores (called by `Matcher`)."""
+        if self.threshold.learns:
+            self.threshold.observe(*threshold_samples(images, captions, scores))
 
 
 @register_matcher("uarda")

@@ -1,4 +1,9 @@
-"""The training loop every matcher shares: Adam, step or cosine decay, gradient clipping, AMP on a GPU.
+"""The training loop every matcher shares: Adam, step or cosine decay, gradient clipping, autocast on a GPU.
+
+With several processes the matcher is wrapped in DistributedDataParallel; every process computes the loss of the
+whole global batch (`Matcher.forward` with the context), DDP averages the gradients, and rank 0 alone writes
+checkpoints and logs. Validation runs on every process (the scoring is split over them) so that all of them keep
+the same best weights.
 
 After every epoch the loop validates (the caller's function returns validation figures with "rsum"), keeps the best
 weights by validation rSum (SCAN's model selection), and writes a checkpoint atomically. A run that finds a
@@ -20,19 +25,23 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from itm.atomic import staged_file
 from itm.config import TrainParams
+from itm.device import autocast
+from itm.distributed import Context
 from itm.errors import UserError
 from itm.models.base import Captions, Matcher, Regions
 from itm.tracking import Tracker
+from itm.train.batch_norm import with_global_batch_norm
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 
-Batches = Callable[[int], Iterable[tuple[Regions, Captions]]]  # epoch -> the epoch's batches
+Batches = Callable[[int], Iterable[tuple[Regions, Captions]]]  # epoch -> this process's batches of the epoch
 Validate = Callable[[Matcher], dict[str, float]]
 
 
@@ -64,20 +73,24 @@ def fit(
     tracker: Tracker,
     device: torch.device,
     label: str,
+    context: Context | None = None,
 ) -> FitResult:
     """Train `matcher` (already on `device`) for `settings.epochs`, resuming from `work_dir` when possible."""
+    context = context or Context(device=device)
     optimizer = torch.optim.Adam(matcher.parameters(), lr=settings.learning_rate)
-    amp = settings.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    precision = settings.precision if device.type == "cuda" else "fp32"  # the CPU trains in fp32
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # bf16 has fp32's range: no loss scaling
     state = _resume(work_dir / CHECKPOINT, run_id, matcher, optimizer, scaler)
     result = state or FitResult(copy.deepcopy(matcher.state_dict()), 0, {"rsum": -math.inf})
+    model: Matcher | DistributedDataParallel = matcher
+    if context.distributed:  # every process starts from rank 0's weights: DDP broadcasts them when it wraps
+        model = DistributedDataParallel(with_global_batch_norm(matcher, context))
     for epoch in range(len(result.history), settings.epochs):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, epoch)
         started = time.perf_counter()
-        train_figures = _train_one_epoch(
-            matcher, batches(epoch), optimizer, scaler, settings, device, amp, epoch, label
-        )
+        step = _Step(model, optimizer, scaler, settings, device, precision, context)
+        train_figures = _train_one_epoch(step, batches(epoch), epoch, settings.epochs, label)
         train_figures |= {f"train/{key}": value for key, value in matcher.end_epoch().items()}
         matcher.eval()
         val_figures = validate(matcher)
@@ -90,29 +103,49 @@ def fit(
             result.best_epoch, result.best_metrics = epoch + 1, val_figures
         log.info("%s epoch %d/%d: val rsum %.2f (best %.2f at epoch %d)", label, epoch + 1, settings.epochs,
                  val_figures["rsum"], result.best_metrics["rsum"], result.best_epoch)  # fmt: skip
-        _save(work_dir / CHECKPOINT, run_id, matcher, optimizer, scaler, result)
+        if context.is_main:
+            _save(work_dir / CHECKPOINT, run_id, matcher, optimizer, scaler, result)
+        context.barrier()  # a checkpoint is complete before any process can stop
     return result
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One optimisation step: forward under autocast, backward (scaled for fp16), clipping, Adam."""
+
+    model: Matcher | DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    settings: TrainParams
+    device: torch.device
+    precision: str  # autocast on a GPU only
+    context: Context
+
+    def __call__(self, regions: Regions, captions: Captions) -> dict[str, Tensor]:
+        regions, captions = regions.to(self.device), captions.to(self.device)
+        with autocast(self.precision, self.device):
+            losses = self.model(regions, captions, self.context)
+        if not torch.isfinite(losses["loss"]):  # the loss of the global batch: every process stops alike
+            return losses
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses
+
+
 def _train_one_epoch(
-    matcher: Matcher,
-    batches: Iterable[tuple[Regions, Captions]],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    settings: TrainParams,
-    device: torch.device,
-    amp: bool,
-    epoch: int,
-    label: str,
+    step: _Step, batches: Iterable[tuple[Regions, Captions]], epoch: int, epochs: int, label: str
 ) -> dict[str, float]:
-    matcher.train()
+    step.model.train()
     sums: dict[str, float] = defaultdict(float)
     seen, started = 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"{label} epoch {epoch + 1}/{settings.epochs}", unit="batch", mininterval=5)
+    bar = tqdm(batches, desc=f"{label} epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5,
+               disable=not step.context.is_main)  # fmt: skip
     for iteration, (regions, captions) in enumerate(bar):
-        regions, captions = regions.to(device), captions.to(device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            losses = matcher(regions, captions)
+        losses = step(regions, captions)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             last = f"{sums['loss'] / seen:.4g}" if seen else "none"
@@ -120,13 +153,7 @@ def _train_one_epoch(
                 f"{label}: the loss became {loss.item()} in epoch {epoch + 1}, batch {iteration + 1} (mean so far "
                 f"{last}); lower train.learning_rate or train.grad_clip"
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(matcher.parameters(), settings.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        batch = len(captions.lengths)
+        batch = len(captions.lengths) * step.context.world_size  # the global batch, whose loss this is
         for key, value in losses.items():
             sums[key] += float(value.detach()) * batch
         seen += batch
@@ -134,7 +161,8 @@ def _train_one_epoch(
         bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", captions_per_s=f"{rate:.0f}", refresh=False)
     elapsed = time.perf_counter() - started
     figures = {f"train/{key}": value / seen for key, value in sums.items()}
-    figures |= {"train/captions_per_second": seen / elapsed, "train/learning_rate": optimizer.param_groups[0]["lr"]}
+    rate_now = step.optimizer.param_groups[0]["lr"]
+    figures |= {"train/captions_per_second": seen / elapsed, "train/learning_rate": rate_now}
     return figures
 
 

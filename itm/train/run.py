@@ -28,10 +28,12 @@ from itm.data.loaders import (
 from itm.data.pixels import ImageStore
 from itm.data.regions import REGIONS_FILE, RegionStore
 from itm.data.vocab import load_vocab
+from itm.distributed import Context
 from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.scoring import score_split
 from itm.models import Matcher, MatcherInputs, build_matcher
 from itm.tracking import Tracker, git_revision
+from itm.train.batches import GlobalBatchSampler
 from itm.train.loop import CHECKPOINT, fit
 from itm.train.saved import save_matcher
 
@@ -56,10 +58,19 @@ def first_images(captions: CaptionTable, n_images: int) -> CaptionTable:
 
 
 def retrieval_figures(
-    matcher: Matcher, store: ImageStore, captions: CaptionTable, *, device: torch.device, batch_size: int
+    matcher: Matcher,
+    store: ImageStore,
+    captions: CaptionTable,
+    *,
+    device: torch.device,
+    batch_size: int,
+    context: Context | None = None,
 ) -> dict[str, float]:
-    """Recall@K and rSum of `matcher` on the images of `captions` (every caption a query, every image one too)."""
-    scored, _, caption_image = score_split(matcher, store, captions, batch_size=batch_size, device=device, amp=False)
+    """Recall@K and rSum of `matcher` on the images of `captions` (every caption a query, every image one too);
+    with several processes the scoring is split over them and every process gets the same figures."""
+    scored, _, caption_image = score_split(
+        matcher, store, captions, batch_size=batch_size, device=device, precision="fp32", context=context
+    )
     return recall_metrics(scored.matrix, caption_image)
 
 
@@ -83,13 +94,16 @@ def train_matcher(
     device: torch.device,
     workers: int,
     dataset_dir: Path | None = None,
+    context: Context | None = None,
 ) -> dict[str, Any]:
     """Train matcher `name` on the train split, select it on val rSum, and save it to `out_dir` with its card.
 
     `settings` are the shared `train:` params; the matcher's own `epochs` and `schedule`, when set, replace them.
     Concept-aware matchers train on image-level concept labels and validate on each caption's own. A matcher that
-    reads pixels reads the images of `dataset_dir` (data/raw/<dataset>) instead of the regions.
+    reads pixels reads the images of `dataset_dir` (data/raw/<dataset>) instead of the regions. With several
+    processes (`context`), each loads its share of every global batch and only rank 0 writes the model and logs.
     """
+    context = context or Context(device=device)
     settings = resolved_settings(params, settings)
     vocab = load_vocab(captions_dir / VOCAB_FILE)
     concepts = read_concepts(captions_dir)
@@ -114,21 +128,27 @@ def train_matcher(
     val_captions = captions_for(matcher, first_images(val_captions, VALIDATION_IMAGES))
     pairs = CaptionRegionPairs(train_captions, train_store)
 
+    lengths = [len(tokens) for tokens in train_captions.token_ids]
+
     def batches(epoch: int) -> DataLoader:
-        # A fixed shuffle per (seed, epoch), so a resumed run sees the same batches; a last partial batch is
-        # dropped because the hinge loss of a batch needs negatives.
+        # A fixed shuffle per (seed, epoch), so a resumed run sees the same batches, and the same on every process,
+        # each of which loads its share of every global batch.
+        sampler = GlobalBatchSampler(
+            lengths, settings.batch_size, seed=settings.seed * 100_003 + epoch, rank=context.rank,
+            world_size=context.world_size, bucket_batches=settings.bucket_batches,
+        )  # fmt: skip
         return DataLoader(
             pairs,
-            batch_size=settings.batch_size,
-            shuffle=True,
-            drop_last=len(pairs) > settings.batch_size,
-            generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch),
+            batch_sampler=sampler,
             collate_fn=PairCollator(train_store.collate, matcher.n_concepts),
             num_workers=workers,
+            pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
         )
 
     def validate(model: Matcher) -> dict[str, float]:
-        return retrieval_figures(model, val_store, val_captions, device=device, batch_size=settings.batch_size)
+        return retrieval_figures(
+            model, val_store, val_captions, device=device, batch_size=settings.batch_size, context=context
+        )
 
     identity = {"name": name, "params": params.model_dump(mode="json"), "train": settings.model_dump(mode="json")}
     data = _digest(captions_file(captions_dir, "train"), regions_dir / "train" / REGIONS_FILE) + vocab.digest()
@@ -137,7 +157,7 @@ def train_matcher(
     run_id = hashlib.sha256((json.dumps(identity, sort_keys=True) + data).encode()).hexdigest()[:16]
     result = fit(
         matcher, batches, validate, settings, work_dir=work_dir, run_id=run_id, tracker=tracker, device=device,
-        label=name,
+        label=name, context=context,
     )  # fmt: skip
 
     card = {
@@ -157,13 +177,16 @@ def train_matcher(
         "history": result.history,  # per-epoch figures (losses, learning rate, val recalls), for training curves
         "mlflow_run_id": tracker.run_id,
     }
-    with staged_dir(out_dir) as staging:
-        weights = {key: value.cpu() if torch.is_tensor(value) else value for key, value in result.best_state.items()}
-        save_matcher(staging, weights, card, concepts if labelled else None)
-    tracker.log_metrics({f"best/val_{key}": value for key, value in result.best_metrics.items()})
-    tracker.log_dict({"matcher": card["params"], "train": card["train"]}, "config.json")  # the resolved config
-    tracker.log_artifact(out_dir / "model.pt")
-    tracker.log_artifact(out_dir / "card.json")
-    (work_dir / CHECKPOINT).unlink(missing_ok=True)
+    if context.is_main:
+        with staged_dir(out_dir) as staging:
+            weights = {
+                key: value.cpu() if torch.is_tensor(value) else value for key, value in result.best_state.items()
+            }
+            save_matcher(staging, weights, card, concepts if labelled else None)
+        tracker.log_metrics({f"best/val_{key}": value for key, value in result.best_metrics.items()})
+        tracker.log_dict({"matcher": card["params"], "train": card["train"]}, "config.json")  # the resolved config
+        tracker.log_artifact(out_dir / "model.pt")
+        tracker.log_artifact(out_dir / "card.json")
+        (work_dir / CHECKPOINT).unlink(missing_ok=True)
     log.info("%s: best val rsum %.2f at epoch %d", name, result.best_metrics["rsum"], result.best_epoch)
     return card

@@ -1,0 +1,197 @@
+"""Run every benchmark of bench/ in turn, and optionally record their tables in a markdown file.
+
+    python bench/run_all.py                                  # full sizes on a GPU; reduced sizes on a CPU
+    python bench/run_all.py --record bench/RESULTS.md        # also write the tables, with device, date and commit
+    python bench/run_all.py --only similarity training       # some of them
+
+With a GPU (`torch.cuda.is_available()`, or `--device cuda`) each benchmark runs at its full size on it
+(similarity: Flickr30K and COCO 5K galleries, fp32/fp16/bf16; extraction: up to BUTD batch 8 in fp16/bf16;
+training: the papers' sizes, fp32/bf16/fp16 and torch.compile; precision: the whole test split). Without one, the
+CPU sizes keep the whole run to about ten minutes on two idle cores: similarity at a tenth of the Flickr30K
+gallery, fp32 and bf16 (CPU autocast), with the reference timed on 50 captions; extraction with 2 timed runs;
+training at embed 256 / word 128 / batch 64; precision on 200 test images; the search shortlist timed on 20 text
+and 5 image queries, shortlists of 10, 50 and 200. The exact command of each
+benchmark is printed (and recorded) above its output.
+
+A benchmark that fails does not stop the others: its error output is printed (and recorded) and the exit status
+is 1 at the end. The record starts with the device, the date, the git commit (`git rev-parse --short HEAD`) and,
+on a CPU, a line saying that the GPU targets were not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+TARGETS = (
+    "SCAN and UARDA similarity over COCO 5K (5,000 x 25,000) <= 2 s (bench/similarity.py)",
+    "a SCAN training epoch on Flickr30K (145,000 pairs) <= 30 s (bench/training.py)",
+    "BUTD region extraction at 600x1000 >= 60 images/s (bench/extraction.py)",
+)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str  # bench/<name>.py
+    cpu: tuple[str, ...]  # options on a CPU
+    cuda: tuple[str, ...]  # options on a GPU
+
+
+BENCHMARKS = (
+    Benchmark(
+        "similarity",
+        ("--scale", "0.1", "--reference-captions", "50", "--precisions", "fp32", "bf16"),
+        ("--device", "cuda"),
+    ),
+    Benchmark("extraction", ("--repeats", "2"), ("--device", "cuda")),
+    Benchmark("training", (), ("--device", "cuda", "--compile")),
+    Benchmark("precision", (), ("--device", "cuda")),
+    # the search path runs on the CPU in `itm search`; its benchmark has no device option
+    Benchmark(
+        "search_shortlist", ("--timed-texts", "20", "--timed-images", "5", "--shortlists", "10", "50", "200"), ()
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    command: str
+    output: str  # standard output (the tables)
+    errors: str  # standard error, kept when the benchmark failed
+    returncode: int
+    seconds: float
+
+
+def run(benchmark: Benchmark, device: str) -> Outcome:
+    """Run one benchmark, echoing its standard output as it comes; its standard error (progress bars) is kept and
+    shown only when it fails."""
+    options = benchmark.cuda if device == "cuda" else benchmark.cpu
+    command = [sys.executable, str(BENCH / f"{benchmark.name}.py"), *options]
+    shown = " ".join(["python", f"bench/{benchmark.name}.py", *options])
+    print(f"\n=== {benchmark.name}: {shown}", flush=True)
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors: list[str] = []
+    drain = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+    drain.start()
+    lines = []
+    for line in process.stdout:  # type: ignore[union-attr]
+        print(line, end="", flush=True)
+        lines.append(line)
+    returncode = process.wait()
+    drain.join()
+    seconds = time.perf_counter() - started
+    error_text = "".join(errors[-40:]) if returncode != 0 else ""
+    if returncode != 0:
+        print(f"--- {benchmark.name} FAILED (exit status {returncode}):\n{error_text}", flush=True)
+    print(f"=== {benchmark.name}: {seconds:.0f} s", flush=True)
+    return Outcome(shown, "".join(lines), error_text, returncode, seconds)
+
+
+def describe_device(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    """The short commit hash of the checkout (read-only git), or "unknown"."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def record(
+    path: Path, device: str, outcomes: dict[str, Outcome], started: datetime.datetime, pending: list[str]
+) -> None:
+    """The markdown record: device, date, commit, whether the GPU targets were measured, then each benchmark
+    (`pending`: those not run yet; the record is rewritten after each benchmark, so an interrupted run keeps
+    what it measured)."""
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- device: {describe_device(device)}",
+        f"- git commit: {git_commit()} (the working tree may hold uncommitted changes)",
+        f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- command: `python bench/run_all.py{' --device cuda' if device == 'cuda' else ''} --record "
+        f"{_relative(path)}`",
+        "",
+    ]
+    if device != "cuda":
+        lines += [
+            "**No GPU was available for these figures: they were measured on the CPU at reduced sizes, and the GPU "
+            "targets are unmeasured:**",
+            "",
+            *[f"- {target} on one H100" for target in TARGETS],
+            "",
+            "CPU timings come from a machine shared with other work and are noisy; they show that the benchmarks "
+            "run, not how fast the code is on a GPU.",
+            "",
+        ]
+    if pending:
+        lines += [f"**Incomplete run: not run (yet): {', '.join(pending)}.**", ""]
+    for name, outcome in outcomes.items():
+        status = "" if outcome.returncode == 0 else f", FAILED (exit status {outcome.returncode})"
+        lines += [f"## {name}", "", f"`{outcome.command}` ({outcome.seconds:.0f} s{status})", "", "```text"]
+        lines += [outcome.output.rstrip("\n")]
+        if outcome.errors:
+            lines += ["--- error output (last lines):", outcome.errors.rstrip("\n")]
+        lines += ["```", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _relative(path: Path) -> str:
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = [benchmark.name for benchmark in BENCHMARKS]
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    parser.add_argument("--only", nargs="+", choices=names, help="run these benchmarks only")
+    parser.add_argument("--record", type=Path, help="write the output to this markdown file")
+    args = parser.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = datetime.datetime.now(datetime.UTC)
+    print(f"device: {describe_device(device)}; {'full' if device == 'cuda' else 'reduced CPU'} sizes")
+    chosen = [benchmark for benchmark in BENCHMARKS if args.only is None or benchmark.name in args.only]
+    outcomes: dict[str, Outcome] = {}
+    for done, benchmark in enumerate(chosen, start=1):
+        outcomes[benchmark.name] = run(benchmark, device)
+        if args.record:
+            record(args.record, device, outcomes, started, [later.name for later in chosen[done:]])
+    total = sum(outcome.seconds for outcome in outcomes.values())
+    failed = [name for name, outcome in outcomes.items() if outcome.returncode != 0]
+    print(f"\nall done in {total:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    if args.record:
+        print(f"recorded in {_relative(args.record)}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
