@@ -5,9 +5,9 @@ A benchmark's parent process builds a list of cases and runs each with `run_case
 again with `--case <json>`; the child measures that one case and prints one JSON line. So every case starts from a
 fresh process and its peak memory (CUDA: max allocated; CPU: max resident set of the whole process) is its own.
 
-Peak TFLOP/s are the vendors' dense figures (no structured sparsity) for the SXM parts: H100 SXM (and H200, the same
-GH100 compute) bf16/fp16 989, tf32 494.7, fp32 66.9; A100 bf16/fp16 312, tf32 156, fp32 19.5; H100 PCIe bf16/fp16
-756, tf32 378, fp32 51.2. An fp32 row counts against the tf32 peak when TF32 is enabled for it (cuDNN convolutions
+Peak TFLOP/s are the vendors' dense figures (no structured sparsity): H100 SXM (and H200, the same GH100 compute)
+bf16/fp16 989, tf32 494.7, fp32 66.9; H100 PCIe bf16/fp16 756, tf32 378, fp32 51.2; A100 bf16/fp16 312, tf32 156,
+fp32 19.5. An fp32 row counts against the tf32 peak when TF32 is enabled for it (cuDNN convolutions
 by default; matrix products only after `torch.set_float32_matmul_precision("high")`), else against the fp32 peak.
 Unknown GPUs and the CPU print "n/a" unless `--peak-tflops` gives a figure.
 """
@@ -44,7 +44,7 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 
 def run_case(script: str, options: Sequence[str], case: object, *, allow_failure: bool = False) -> dict:
-    """Run `script --case <case as JSON> *options` in a fresh process and return the JSON it prints last.
+    """Run `script *options --case <case as JSON>` in a fresh process and return the JSON it prints last.
 
     A failing case stops the benchmark with its error output, or with `allow_failure` comes back as
     {"error": <its last error line>} (e.g. a `torch.compile` that does not work on this machine).

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import shlex
 import subprocess
 import sys
 import threading
@@ -137,8 +138,7 @@ def record(
         f"- device: {describe_device(device)}",
         f"- git commit: {git_commit()} (the working tree may hold uncommitted changes)",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- command: `python bench/run_all.py{' --device cuda' if device == 'cuda' else ''} --record "
-        f"{_relative(path)}`",
+        f"- command: `{shlex.join(['python', 'bench/run_all.py', *sys.argv[1:]])}`",
         "",
     ]
     if device != "cuda":
