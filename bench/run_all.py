@@ -3,6 +3,7 @@
     python bench/run_all.py                                  # full sizes on a GPU; reduced sizes on a CPU
     python bench/run_all.py --record bench/RESULTS.md        # also write the tables, with device, date and commit
     python bench/run_all.py --only similarity training       # some of them
+    python bench/run_all.py --only training --record bench/RESULTS.md --update   # re-run one, keep the others
 
 With a GPU (`torch.cuda.is_available()`, or `--device cuda`) each benchmark runs at its full size on it
 (similarity: Flickr30K and COCO 5K galleries, fp32/fp16/bf16; extraction: up to BUTD batch 8 in fp16/bf16;
@@ -10,12 +11,13 @@ training: the papers' sizes, fp32/bf16/fp16 and torch.compile; precision: the wh
 CPU sizes keep the whole run to about ten minutes on two idle cores: similarity at a tenth of the Flickr30K
 gallery, fp32 and bf16 (CPU autocast), with the reference timed on 50 captions; extraction with 2 timed runs;
 training at embed 256 / word 128 / batch 64; precision on 200 test images; the search shortlist timed on 20 text
-and 5 image queries, shortlists of 10, 50 and 200. The exact command of each
-benchmark is printed (and recorded) above its output.
+and 5 image queries, shortlists of 10, 50 and 200. The exact command of each benchmark is printed (and recorded)
+above its output.
 
 A benchmark that fails does not stop the others: its error output is printed (and recorded) and the exit status
 is 1 at the end. The record starts with the device, the date, the git commit (`git rev-parse --short HEAD`) and,
-on a CPU, a line saying that the GPU targets were not measured.
+on a CPU, a line saying that the GPU targets were not measured; it is rewritten after each benchmark, so an
+interrupted run keeps what it measured, and `--update` fills in the rest later.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Outcome:
     errors: str  # standard error, kept when the benchmark failed
     returncode: int
     seconds: float
+    finished: datetime.datetime
 
 
 def run(benchmark: Benchmark, device: str) -> Outcome:
@@ -82,7 +85,9 @@ def run(benchmark: Benchmark, device: str) -> Outcome:
     shown = " ".join(["python", f"bench/{benchmark.name}.py", *options])
     print(f"\n=== {benchmark.name}: {shown}", flush=True)
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own session: a signal to the benchmark's process group ends that benchmark (recorded as failed), not the run
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
     errors: list[str] = []
     drain = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
     drain.start()
@@ -97,7 +102,8 @@ def run(benchmark: Benchmark, device: str) -> Outcome:
     if returncode != 0:
         print(f"--- {benchmark.name} FAILED (exit status {returncode}):\n{error_text}", flush=True)
     print(f"=== {benchmark.name}: {seconds:.0f} s", flush=True)
-    return Outcome(shown, "".join(lines), error_text, returncode, seconds)
+    finished = datetime.datetime.now(datetime.UTC)
+    return Outcome(shown, "".join(lines), error_text, returncode, seconds, finished)
 
 
 def describe_device(device: str) -> str:
@@ -125,12 +131,26 @@ def git_commit() -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
+def recorded_sections(path: Path) -> dict[str, str]:
+    """The benchmark sections ("## name" to the next one) of an existing record, by name."""
+    if not path.is_file():
+        return {}
+    parts = path.read_text(encoding="utf-8").split("\n## ")[1:]
+    return {part.split("\n", 1)[0].strip(): "## " + part.rstrip("\n") + "\n" for part in parts}
+
+
 def record(
-    path: Path, device: str, outcomes: dict[str, Outcome], started: datetime.datetime, pending: list[str]
+    path: Path,
+    device: str,
+    outcomes: dict[str, Outcome],
+    started: datetime.datetime,
+    pending: list[str],
+    kept: dict[str, str],
 ) -> None:
-    """The markdown record: device, date, commit, whether the GPU targets were measured, then each benchmark
-    (`pending`: those not run yet; the record is rewritten after each benchmark, so an interrupted run keeps
-    what it measured)."""
+    """The markdown record: device, date, commit, whether the GPU targets were measured, then each benchmark in
+    BENCHMARKS' order: those run now from `outcomes`, the others from `kept` (sections of an earlier record, with
+    their own date). `pending` lists those not run yet: the record is rewritten after each benchmark, so an
+    interrupted run keeps what it measured."""
     lines = [
         "# Benchmark results",
         "",
@@ -154,9 +174,14 @@ def record(
         ]
     if pending:
         lines += [f"**Incomplete run: not run (yet): {', '.join(pending)}.**", ""]
-    for name, outcome in outcomes.items():
+    for name in [benchmark.name for benchmark in BENCHMARKS]:
+        if name not in outcomes:
+            lines += [kept[name]] if name in kept else []
+            continue
+        outcome = outcomes[name]
         status = "" if outcome.returncode == 0 else f", FAILED (exit status {outcome.returncode})"
-        lines += [f"## {name}", "", f"`{outcome.command}` ({outcome.seconds:.0f} s{status})", "", "```text"]
+        when = f"{outcome.finished:%Y-%m-%d %H:%M} UTC"
+        lines += [f"## {name}", "", f"`{outcome.command}` ({outcome.seconds:.0f} s, {when}{status})", "", "```text"]
         lines += [outcome.output.rstrip("\n")]
         if outcome.errors:
             lines += ["--- error output (last lines):", outcome.errors.rstrip("\n")]
@@ -175,16 +200,19 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--only", nargs="+", choices=names, help="run these benchmarks only")
     parser.add_argument("--record", type=Path, help="write the output to this markdown file")
+    keep = "with --record: keep the sections of the benchmarks not run now from the existing record"
+    parser.add_argument("--update", action="store_true", help=keep)
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = datetime.datetime.now(datetime.UTC)
     print(f"device: {describe_device(device)}; {'full' if device == 'cuda' else 'reduced CPU'} sizes")
     chosen = [benchmark for benchmark in BENCHMARKS if args.only is None or benchmark.name in args.only]
+    kept = recorded_sections(args.record) if args.record and args.update else {}
     outcomes: dict[str, Outcome] = {}
     for done, benchmark in enumerate(chosen, start=1):
         outcomes[benchmark.name] = run(benchmark, device)
         if args.record:
-            record(args.record, device, outcomes, started, [later.name for later in chosen[done:]])
+            record(args.record, device, outcomes, started, [later.name for later in chosen[done:]], kept)
     total = sum(outcome.seconds for outcome in outcomes.values())
     failed = [name for name, outcome in outcomes.items() if outcome.returncode != 0]
     print(f"\nall done in {total:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
