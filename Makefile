@@ -1,11 +1,12 @@
-# Set-up and the two everyday commands. `make repro` runs the pipeline, `make test` runs the test suite; both
-# create the virtualenv (.venv) from the lock file first when it is missing or stale.
+# Set-up and the everyday commands. `make repro` runs the pipeline, `make test` runs the whole test suite (what CI
+# runs), `make test-fast` every test not marked `slow` (the inner loop); each creates the virtualenv (.venv) from the
+# lock file first when it is missing or stale.
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test lint format
+.PHONY: setup repro test test-fast lint format
 
 setup: $(VENV)/.synced
 
@@ -19,6 +20,9 @@ repro: setup
 
 test: setup lint
 	pytest
+
+test-fast: setup lint
+	pytest -m "not slow"
 
 lint: setup
 	ruff check .

@@ -1,9 +1,10 @@
 """Helpers shared by the benchmarks in bench/: one case per subprocess, medians of timed runs, peak memory, tables,
 and the peak dense TFLOP/s of known GPUs (for "fraction of the hardware limit").
 
-A benchmark's parent process builds a list of cases and runs each with `run_case`, which starts the same script
-again with `--case <json>`; the child measures that one case and prints one JSON line. So every case starts from a
-fresh process and its peak memory (CUDA: max allocated; CPU: max resident set of the whole process) is its own.
+A benchmark's parent process builds a list of cases and runs each with `run_case`, which starts the same module
+again from the repository root (`python -m bench.<name> ... --case <json>`); the child measures that one case and
+prints one JSON line. So every case starts from a fresh process and its peak memory (CUDA: max allocated; CPU: max
+resident set of the whole process) is its own.
 
 Peak TFLOP/s are the vendors' dense figures (no structured sparsity): H100 SXM (and H200, the same GH100 compute)
 bf16/fp16 989, tf32 494.7, fp32 66.9; H100 PCIe bf16/fp16 756, tf32 378, fp32 51.2; A100 bf16/fp16 312, tf32 156,
@@ -26,8 +27,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # name fragment (matched in order, case-insensitive) -> peak dense TFLOP/s per compute dtype; None: unknown
 PEAK_TFLOPS: list[tuple[str, dict[str, float] | None]] = [
@@ -37,25 +36,31 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float] | None]] = [
     ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.7, "fp32": 66.9}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
 ]
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- subprocess per case --------------------------------------------------------------------------------------------
 
 
-def run_case(script: str, options: Sequence[str], case: object, *, allow_failure: bool = False) -> dict:
-    """Run `script *options --case <case as JSON>` in a fresh process and return the JSON it prints last.
+def module_name(file: str) -> str:
+    """`bench.<name>`, the module of a benchmark's file (what `python -m` runs)."""
+    return f"bench.{Path(file).stem}"
+
+
+def run_case(file: str, options: Sequence[str], case: object, *, allow_failure: bool = False) -> dict:
+    """Run `python -m bench.<name> *options --case <case as JSON>` (the benchmark of `file`, from the repository
+    root) in a fresh process and return the JSON it prints last.
 
     A failing case stops the benchmark with its error output, or with `allow_failure` comes back as
     {"error": <its last error line>} (e.g. a `torch.compile` that does not work on this machine).
     """
-    command = [sys.executable, script, *options, "--case", json.dumps(case)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    module = module_name(file)
+    command = [sys.executable, "-m", module, *options, "--case", json.dumps(case)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         if allow_failure:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             return {"error": lines[-1] if lines else f"exit status {done.returncode}"}
-        raise SystemExit(f"case {json.dumps(case)} of {Path(script).name} failed:\n{done.stderr}")
+        raise SystemExit(f"case {json.dumps(case)} of {module} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -1,13 +1,19 @@
 """Benchmark region extraction: images/s and peak memory of the detector, and the selection step vs the reference.
 
-    python bench/extraction.py                 # CPU: small model at 256 px, BUTD ResNet-101 at 600x1000
-    python bench/extraction.py --device cuda   # the same cases on the GPU, plus larger batches and fp16/bf16
+    python -m bench.extraction                 # CPU: small model at 256 px, BUTD ResNet-101 at 600x1000
+    python -m bench.extraction --device cuda   # the same cases on the GPU, plus larger batches and fp16/bf16
+    python -m bench.extraction --models small --batches 1 --classes 101 --repeats 1   # a check in seconds
+
+`--models` and `--batches` keep only the cases of those models and batch sizes (default: every case of the
+device), and `--classes` sets the classes of the selection row (default 1601, BUTD's, background included; the
+reference loop's time grows with it): the default run is the full one, the options make a quick check.
 
 Every case runs in a fresh process so that its peak memory (resident set on CPU, allocated on GPU) is its own.
 Times are the median of `--repeats` timed runs after one warm-up. Weights are random: speed does not depend on them
 (the selection step sees random class scores, which is its worst case: few proposals are suppressed early).
 The selection row compares our vectorised per-class NMS with a loop of py-faster-rcnn's per-class NMS (the
-reference extractor's procedure) on the same 300 proposals x 1601 classes.
+reference extractor's procedure) on the same 300 proposals x 1601 classes (`--classes`), after checking that both
+give the same confidences.
 
 Hardware limit: each case counts the FLOPs of its warm-up run with `torch.utils.flop_counter.FlopCounterMode`
 (convolutions and matrix products: the trunk, the RPN and the res5 head on the 300 proposals, about 90% of it at
@@ -26,17 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
+from bench.common import (
     REPO,
     achieved,
     conv_compute_dtype,
@@ -51,7 +53,6 @@ from common import (
     run_description,
     target_verdict,
 )
-
 from itm.config import load_params
 from itm.detect.extract import Selection, regions_of_batch
 from itm.detect.model import build_detector
@@ -74,6 +75,7 @@ CASES = {
     ],
 }
 CLASSES = {"small": (7, 11), "butd": (1601, 401)}
+PROPOSALS = 300  # the selection row's proposals (BUTD's rpn_post_nms_test)
 TARGET = ("butd", 600, 1000, 60.0)  # the target: full BUTD at 600x1000, at least 60 images/s on one H100
 
 
@@ -102,11 +104,11 @@ def _one_case(
     }
 
 
-def _selection_case(device: str, repeats: int) -> dict:
+def _selection_case(device: str, repeats: int, n_classes: int) -> dict:
     generator = torch.Generator().manual_seed(0)
-    corners = torch.rand(300, 2, generator=generator) * 800
-    boxes = torch.cat([corners, corners + torch.rand(300, 2, generator=generator) * 300 + 10], dim=1)
-    probs = torch.softmax(torch.randn(300, 1601, generator=generator) * 3, dim=1)
+    corners = torch.rand(PROPOSALS, 2, generator=generator) * 800
+    boxes = torch.cat([corners, corners + torch.rand(PROPOSALS, 2, generator=generator) * 300 + 10], dim=1)
+    probs = torch.softmax(torch.randn(PROPOSALS, n_classes, generator=generator) * 3, dim=1)
 
     def reference() -> np.ndarray:
         return reference_max_confidence(boxes.double().numpy(), probs.double().numpy(), 0.3)
@@ -128,9 +130,15 @@ def _selection_case(device: str, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.extraction", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=list(CLASSES), help="only these models' cases (default: all)")
+    parser.add_argument("--batches", nargs="+", type=int, help="only the cases of these batch sizes (default: all)")
+    parser.add_argument("--classes", type=int, default=CLASSES["butd"][0],
+                        help="classes of the selection row, background included (default: BUTD's 1601)")  # fmt: skip
     parser.add_argument("--peak-tflops", help="peak dense TFLOP/s: one figure, or per dtype 'bf16=989,tf32=494.7'")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
@@ -143,8 +151,17 @@ def main() -> None:
     options = ["--device", args.device, "--repeats", str(args.repeats)]
     header = ["model", "input", "batch", "precision", "images/s", "s/batch", "peak MiB", "GFLOP/image", "TFLOP/s",
               "of peak"]  # fmt: skip
+    cases = [
+        case
+        for case in CASES[args.device]
+        if (args.models is None or case[0] in args.models) and (args.batches is None or case[3] in args.batches)
+    ]
+    if args.classes < 2:
+        raise SystemExit("--classes counts the background: at least 2")
+    if not cases:
+        raise SystemExit(f"no {args.device} case of models {args.models} at batch sizes {args.batches}")
     rows, target_rates = [], []
-    for architecture, height, width, batch, precision in CASES[args.device]:
+    for architecture, height, width, batch, precision in cases:
         result = run_case(__file__, options, [architecture, height, width, batch, precision])
         rate, seconds = result["images_per_second"], result["seconds_per_batch"]
         peak = peak_tflops(args.device, conv_compute_dtype(precision), override)
@@ -157,9 +174,10 @@ def main() -> None:
             target_rates.append((rate, f"batch {batch}, {precision}"))
     print_table(header, rows, align="l")
 
-    timings = _selection_case(args.device, args.repeats)
+    timings = _selection_case(args.device, args.repeats, args.classes)
     print(
-        f"\nselection, 300 proposals x 1601 classes: reference per-class NMS loop {timings['reference']:.3f} s, "
+        f"\nselection, {PROPOSALS} proposals x {args.classes} classes: reference per-class NMS loop "
+        f"{timings['reference']:.3f} s, "
         f"vectorised {timings['ours']:.4f} s, speed-up x{timings['reference'] / timings['ours']:.1f}"
     )
     architecture, height, width, minimum = TARGET
@@ -168,6 +186,8 @@ def main() -> None:
         rate, case = max(target_rates)
         verdict = target_verdict(rate, minimum, at_most=False, device=args.device)
         print(f"  fastest: {rate:.2f} images/s ({case}): {verdict}")
+    else:
+        print(f"  not measured: no {architecture} {height}x{width} case was run")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Benchmark the retrieval precision of the trained matchers: test scores and R@K in bf16 and fp16 against fp32.
 
-    python bench/precision.py                      # CPU: the first 200 test images and their captions
-    python bench/precision.py --device cuda        # the whole test split
-    python bench/precision.py --models scan_t2i_avg uarda --images 500
+    python -m bench.precision                      # CPU: the first 200 test images and their captions
+    python -m bench.precision --device cuda        # the whole test split
+    python -m bench.precision --models scan_t2i_avg uarda --images 500
 
-For every matcher of params.yaml trained under models/<name> (a matcher that is not there is skipped with a line
-saying so; so is everything when models/ or data/regions is missing), the test split is scored as the evaluate
-stage scores it (`itm.evaluate.scoring.score_split`, inductive concepts) in fp32, bf16 and fp16: on a GPU with
+For every matcher of params.yaml (or of `--models`) trained under models/<name> (`--models-dir`; a matcher that is
+not there is skipped with a line saying so; so is everything when models/ or data/regions is missing), the test
+split, read as the evaluate stage reads it (`itm.data.splits.DataFolders`), is scored as it scores it
+(`itm.evaluate.scoring.score_split`, inductive concepts) in fp32, bf16 and fp16: on a GPU with
 `score_split(precision=...)`, which autocasts the scoring; on a CPU, where `score_split` always runs in fp32, by
-wrapping the call in `torch.autocast("cpu", dtype=...)`, which also autocasts the encoders (matrix products and
+wrapping the call in CPU autocast (`itm.device.autocast`), which also autocasts the encoders (matrix products and
 linear layers; the GRU stays fp32). Printed per matcher and precision, against fp32: max |Δscore| over the matrix,
 and the change of R@1, R@5 and R@10 in both directions and of rSum (`itm.evaluate.metrics.recall_metrics`, over
 the gallery scored; a subset's figures are higher than the full split's), with the scoring seconds (one run: this
@@ -19,67 +20,52 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import PRECISION_DTYPES, REPO, device_name, print_table
-
+from bench.common import REPO, device_name, print_table
 from itm.config import load_params
-from itm.data.captions import VOCAB_FILE, read_concepts
-from itm.data.loaders import CaptionTable, captions_for, image_store, read_captions, with_regions
-from itm.data.vocab import load_vocab
+from itm.data.splits import DataFolders, SplitData
+from itm.device import autocast
 from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.scoring import score_split
-from itm.train.saved import MODEL_FILE, load_matcher
+from itm.models.base import Matcher
+from itm.models.saved import MODEL_FILE, load_matcher
 
 PRECISIONS = ("bf16", "fp16")  # compared with fp32
 KS = (1, 5, 10)
 
 
-def first_images(captions: CaptionTable, n_images: int | None) -> CaptionTable:
-    """The captions of the first `n_images` images (in first-appearance order); all of them for None."""
-    if n_images is None:
-        return captions
-    chosen = list(dict.fromkeys(int(i) for i in captions.image_ids))[:n_images]
-    return captions.select(np.isin(captions.image_ids, chosen))
+def prepared_test_split(matcher: Matcher, data: DataFolders, n_images: int | None) -> SplitData:
+    """The test split as `matcher` reads it; with `n_images`, only the captions of its first `n_images` images."""
+    test = data.split("test", matcher.reads)
+    return test if n_images is None else SplitData(test.store, test.captions.of_first_images(n_images))
 
 
-def score(name: str, args: argparse.Namespace, precision: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The test matrix of models/<name> at `precision`, each caption's image row, and the scoring seconds."""
+def score(
+    matcher: Matcher, test: SplitData, args: argparse.Namespace, precision: str
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The test matrix of `matcher` at `precision`, each caption's image row, and the scoring seconds."""
     device = torch.device(args.device)
-    vocab = load_vocab(args.captions / VOCAB_FILE)
-    concepts = read_concepts(args.captions)
-    matcher, _ = load_matcher(args.models_dir / name, device, vocab_digest=vocab.digest(),
-                              concepts_digest=concepts.digest())  # fmt: skip
-    store = image_store(matcher, args.regions, args.dataset, "test")
-    captions = read_captions(
-        args.captions, "test", concepts=matcher.n_concepts > 0, texts=matcher.tokenizer is not None
-    )
-    captions = first_images(captions_for(matcher, with_regions(captions, store, "test")), args.images)
-    cpu_autocast = (
-        torch.autocast("cpu", dtype=PRECISION_DTYPES[precision])
-        if device.type == "cpu" and precision != "fp32"
-        else contextlib.nullcontext()
-    )
+    # score_split autocasts on a GPU only: on a CPU, the whole call runs under CPU autocast
+    cpu_autocast = autocast(precision, device) if device.type == "cpu" else contextlib.nullcontext()
     with cpu_autocast:
-        scored, _, caption_image = score_split(matcher, store, captions, batch_size=args.batch_size, device=device,
-                                               precision=precision)  # fmt: skip
+        scored, _, caption_image = score_split(matcher, test.store, test.captions, batch_size=args.batch_size,
+                                               device=device, precision=precision)  # fmt: skip
     return scored.matrix, caption_image, scored.score_seconds
 
 
-def compare(name: str, args: argparse.Namespace) -> list[list[str]]:
-    """The table rows of one matcher: fp32, then each reduced precision against it."""
-    exact, caption_image, seconds = score(name, args, "fp32")
+def compare(name: str, data: DataFolders, args: argparse.Namespace) -> list[list[str]]:
+    """The table rows of the matcher models/<name>: fp32, then each reduced precision against it."""
+    matcher, _ = load_matcher(args.models_dir / name, torch.device(args.device), data)
+    test = prepared_test_split(matcher, data, args.images)
+    exact, caption_image, seconds = score(matcher, test, args, "fp32")
     reference = recall_metrics(exact, caption_image)
     size = f"{exact.shape[0]}x{exact.shape[1]}"
     rows = [[name, size, "fp32", f"{seconds:.2f}", "-", *_recalls(reference), f"{reference['rsum']:.1f}"]]
     for precision in PRECISIONS:
-        matrix, _, seconds = score(name, args, precision)
+        matrix, _, seconds = score(matcher, test, args, precision)
         if not torch.isfinite(matrix).all():
             rows.append([name, size, precision, f"{seconds:.2f}", "non-finite scores", *[""] * 7])
             continue
@@ -100,9 +86,11 @@ def _recalls(figures: dict[str, float]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.precision", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--models", nargs="+", help="names under models/ (default: every matcher of params.yaml)")
+    parser.add_argument("--models", nargs="+", help="names under --models-dir (default: every matcher of params.yaml)")
     parser.add_argument("--images", type=int, help="score the first N test images and their captions (default: 200 "
                         "on CPU, all on CUDA; 0: all)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=128, help="encoding batch size")
@@ -115,8 +103,10 @@ def main() -> None:
         args.images = 200 if args.device == "cpu" else None
     elif args.images <= 0:
         args.images = None
-    params = load_params(REPO / "params.yaml")
-    args.dataset = args.dataset or REPO / "data/raw" / params.dataset
+    if args.models is None or args.dataset is None:  # params.yaml only says what the options do not
+        params = load_params(REPO / "params.yaml")
+        args.models = args.models or list(params.matchers)
+        args.dataset = args.dataset or REPO / "data/raw" / params.dataset
 
     where = (
         "CUDA autocast of the scoring" if args.device == "cuda" else "CPU autocast around score_split (encoders too)"
@@ -128,13 +118,13 @@ def main() -> None:
     if missing:
         print(f"skipped: {', '.join(map(str, missing))} not found (run the pipeline first: dvc repro)")
         return
-    names = args.models or list(params.matchers)
+    data = DataFolders(args.regions, args.captions, args.dataset)
     rows = []
-    for name in names:
+    for name in args.models:
         if not (args.models_dir / name / MODEL_FILE).is_file():
             print(f"skipped {name}: {args.models_dir / name / MODEL_FILE} not found")
             continue
-        rows += compare(name, args)
+        rows += compare(name, data, args)
     if not rows:
         return
     header = ["matcher", "gallery", "precision", "score s", "max |Δscore|",

@@ -1,9 +1,12 @@
 """Run every benchmark of bench/ in turn, and optionally record their tables in a markdown file.
 
-    python bench/run_all.py                                  # full sizes on a GPU; reduced sizes on a CPU
-    python bench/run_all.py --record bench/RESULTS.md        # also write the tables, with device, date and commit
-    python bench/run_all.py --only similarity training       # some of them
-    python bench/run_all.py --only training --record bench/RESULTS.md --update   # re-run one, keep the others
+    python -m bench.run_all                                  # full sizes on a GPU; reduced sizes on a CPU
+    python -m bench.run_all --record bench/RESULTS.md        # also write the tables, with device, date and commit
+    python -m bench.run_all --only similarity training       # some of them
+    python -m bench.run_all --only training --record bench/RESULTS.md --update   # re-run one, keep the others
+    python -m bench.run_all --only similarity --options "--scale 0.01 --repeats 1"   # other sizes for one
+
+Run from the repository root, inside the virtualenv: each benchmark runs as `python -m bench.<name>`.
 
 With a GPU (`torch.cuda.is_available()`, or `--device cuda`) each benchmark runs at its full size on it
 (similarity: Flickr30K and COCO 5K galleries, fp32/fp16/bf16; extraction: up to BUTD batch 8 in fp16/bf16;
@@ -11,8 +14,9 @@ training: the papers' sizes, fp32/bf16/fp16 and torch.compile; precision: the wh
 CPU sizes keep the whole run to about ten minutes on two idle cores: similarity at a tenth of the Flickr30K
 gallery, fp32 and bf16 (CPU autocast), with the reference timed on 50 captions; extraction with 2 timed runs;
 training at embed 256 / word 128 / batch 64; precision on 200 test images; the search shortlist timed on 20 text
-and 5 image queries, shortlists of 10, 50 and 200. The exact command of each benchmark is printed (and recorded)
-above its output.
+and 5 image queries, shortlists of 10, 50 and 200. `--options "..."` appends options to these for the one
+benchmark chosen with `--only` (the later options win: a quick check at other sizes). The exact command of each
+benchmark is printed (and recorded) above its output.
 
 A benchmark that fails does not stop the others: its error output is printed (and recorded) and the exit status
 is 1 at the end. The record starts with the device, the date, the git commit (`git rev-parse --short HEAD`) and,
@@ -30,13 +34,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
+from bench.common import REPO
+
 TARGETS = (
     "SCAN and UARDA similarity over COCO 5K (5,000 x 25,000) <= 2 s (bench/similarity.py)",
     "a SCAN training epoch on Flickr30K (145,000 pairs) <= 30 s (bench/training.py)",
@@ -46,7 +51,7 @@ TARGETS = (
 
 @dataclass(frozen=True)
 class Benchmark:
-    name: str  # bench/<name>.py
+    name: str  # the module bench.<name>
     cpu: tuple[str, ...]  # options on a CPU
     cuda: tuple[str, ...]  # options on a GPU
 
@@ -77,12 +82,14 @@ class Outcome:
     finished: datetime.datetime
 
 
-def run(benchmark: Benchmark, device: str) -> Outcome:
-    """Run one benchmark, echoing its standard output as it comes; its standard error (progress bars) is kept and
-    shown only when it fails."""
-    options = benchmark.cuda if device == "cuda" else benchmark.cpu
-    command = [sys.executable, str(BENCH / f"{benchmark.name}.py"), *options]
-    shown = " ".join(["python", f"bench/{benchmark.name}.py", *options])
+def run(benchmark: Benchmark, device: str, extra: Sequence[str] = ()) -> Outcome:
+    """Run one benchmark (`python -m bench.<name>` from the repository root, with the device's options and then
+    `extra`), echoing its standard output as it comes; its standard error (progress bars) is kept and shown only
+    when it fails."""
+    options = [*(benchmark.cuda if device == "cuda" else benchmark.cpu), *extra]
+    module = f"bench.{benchmark.name}"
+    command = [sys.executable, "-m", module, *options]
+    shown = shlex.join(["python", "-m", module, *options])
     print(f"\n=== {benchmark.name}: {shown}", flush=True)
     started = time.perf_counter()
     # its own session: a signal to the benchmark's process group ends that benchmark (recorded as failed), not the run
@@ -158,7 +165,7 @@ def record(
         f"- device: {describe_device(device)}",
         f"- git commit: {git_commit()} (the working tree may hold uncommitted changes)",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- command: `{shlex.join(['python', 'bench/run_all.py', *sys.argv[1:]])}`",
+        f"- command: `{shlex.join(['python', '-m', 'bench.run_all', *sys.argv[1:]])}`",
         "",
     ]
     if device != "cuda":
@@ -195,14 +202,21 @@ def _relative(path: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     names = [benchmark.name for benchmark in BENCHMARKS]
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--only", nargs="+", choices=names, help="run these benchmarks only")
     parser.add_argument("--record", type=Path, help="write the output to this markdown file")
     keep = "with --record: keep the sections of the benchmarks not run now from the existing record"
     parser.add_argument("--update", action="store_true", help=keep)
+    parser.add_argument("--options", help="with --only and one benchmark: options added to its own, in one "
+                        'argument (e.g. --options "--scale 0.01 --repeats 1")')  # fmt: skip
     args = parser.parse_args()
+    extra = shlex.split(args.options or "")
+    if extra and (args.only is None or len(set(args.only)) != 1):
+        parser.error("--options goes with --only and one benchmark")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = datetime.datetime.now(datetime.UTC)
     print(f"device: {describe_device(device)}; {'full' if device == 'cuda' else 'reduced CPU'} sizes")
@@ -210,7 +224,7 @@ def main() -> None:
     kept = recorded_sections(args.record) if args.record and args.update else {}
     outcomes: dict[str, Outcome] = {}
     for done, benchmark in enumerate(chosen, start=1):
-        outcomes[benchmark.name] = run(benchmark, device)
+        outcomes[benchmark.name] = run(benchmark, device, extra)
         if args.record:
             record(args.record, device, outcomes, started, [later.name for later in chosen[done:]], kept)
     total = sum(outcome.seconds for outcome in outcomes.values())

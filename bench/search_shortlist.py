@@ -1,10 +1,12 @@
 """Benchmark the shortlist of `itm search`: full cross-attention scoring against a cheap score's shortlist re-ranked
 with the full score, on the pipeline's trained models and test split, for text queries and for image queries.
 
-    python bench/search_shortlist.py                                   # scan_t2i_avg, scan_i2t_lse, uarda
-    python bench/search_shortlist.py --models uarda --timed-texts 100 --timed-images 50 --repeats 5
+    python -m bench.search_shortlist                                   # scan_t2i_avg, scan_i2t_lse, uarda
+    python -m bench.search_shortlist --models uarda --timed-texts 100 --timed-images 50 --repeats 5
 
-For each model the test galleries are encoded once (synthetic default: 1,000 images × 5,000 captions).
+For each model (models/<name>, or under `--models-dir`) the test split is opened as `itm search` opens it
+(`itm.search.open_index` on the pipeline's folders, `itm.data.splits.DataFolders`) and its galleries are encoded
+once (synthetic default: 1,000 images × 5,000 captions).
 
 Quality, with every caption as a text query (text→image) and every image as an image query (image→text): R@1/5/10
 (ties count against the ground truth, as `itm.evaluate.metrics`) of
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,22 +39,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from itm.config import load_params  # noqa: E402
-from itm.evaluate.scoring import score_matrix  # noqa: E402
-from itm.models.base import Encoded  # noqa: E402
-from itm.search import (  # noqa: E402
+from bench.common import REPO
+from itm.config import load_params
+from itm.data.splits import DataFolders
+from itm.evaluate.scoring import score_matrix
+from itm.models.base import Encoded
+from itm.pair_attention import is_cross_attention
+from itm.search import (
     SearchIndex,
     cheap_scores,
     hard_attention_scores,
     hard_direction,
     open_index,
     shortlist_rank,
-    take,
 )
-from itm.views import is_cross_attention  # noqa: E402
 
 MODELS = ("scan_t2i_avg", "scan_i2t_lse", "uarda")
 SHORTLISTS = (10, 20, 50, 100, 200)
@@ -114,9 +113,8 @@ def recalls(rank: Tensor) -> dict[int, float]:
 
 def trimmed(encoded: Encoded, row: int) -> Encoded:
     """Item `row` of an encoded gallery as a batch of one, trimmed to its own fragments (as a single query is)."""
-    item = take(encoded, torch.tensor([row]))
-    length = int(item.mask[0].sum())
-    return Encoded(item.local[:, :length], item.mask[:, :length], item.pooled, item.extras)
+    item = encoded.take(torch.tensor([row]))
+    return item.trimmed(int(item.mask[0].sum()))
 
 
 def search_path(side: Side, by: str | None, n: int) -> Callable[[Encoded], Tensor]:
@@ -171,13 +169,13 @@ def sides(index: SearchIndex, images: Encoded, captions: Encoded, full: Tensor, 
         "text", full, relevant,
         [trimmed(captions, c) for c in range(min(args.timed_texts, len(captions)))],
         lambda query, by: cheap_scores(matcher, images, query, by, "text")[:, 0],
-        lambda query, rows: matcher.score(take(images, rows), query)[:, 0],
+        lambda query, rows: matcher.score(images.take(rows), query)[:, 0],
     )  # fmt: skip
     image = Side(
         "image", full.T, relevant.T,
         [trimmed(images, i) for i in range(min(args.timed_images, len(images)))],
         lambda query, by: cheap_scores(matcher, query, captions, by, "image")[0],
-        lambda query, rows: matcher.score(query, take(captions, rows))[0],
+        lambda query, rows: matcher.score(query, captions.take(rows))[0],
     )  # fmt: skip
     return [text, image]
 
@@ -215,8 +213,8 @@ def measure_side(index: SearchIndex, side: Side, images: Encoded, captions: Enco
     return out
 
 
-def measure(name: str, args: argparse.Namespace, dataset_dir: Path) -> None:
-    index = open_index(REPO / "models" / name, args.regions, args.captions, dataset_dir, "test", device=CPU)
+def measure(name: str, args: argparse.Namespace, data: DataFolders) -> None:
+    index = open_index(args.models_dir / name, data, "test", device=CPU)
     if not is_cross_attention(index.matcher):
         raise SystemExit(f"{name}: not a cross-attention matcher; its search scores every item in full")
     images, captions = index.gallery_images(), index.gallery_captions()
@@ -251,22 +249,28 @@ def print_table(side: Side, rows: list[Row]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help="names under models/")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.search_shortlist",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="names under --models-dir")
     parser.add_argument("--shortlists", nargs="+", type=int, default=list(SHORTLISTS))
     parser.add_argument("--timed-texts", type=int, default=200, help="captions the text search path is timed on")
     parser.add_argument("--timed-images", type=int, default=50, help="images the image search path is timed on")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--regions", type=Path, default=REPO / "data/regions")
     parser.add_argument("--captions", type=Path, default=REPO / "data/captions")
     parser.add_argument("--dataset", type=Path, help="data/raw/<dataset>; default: the dataset of params.yaml")
     args = parser.parse_args()
     dataset_dir = args.dataset or REPO / "data/raw" / load_params(REPO / "params.yaml").dataset
+    data = DataFolders(args.regions, args.captions, dataset_dir)
     print(f"cpu, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs, "
           f"top {TOP} per query; speed-up against the full score of one query; * = the direction `--shortlist-by "
           "hard` uses")  # fmt: skip
     for name in args.models:
-        measure(name, args, dataset_dir)
+        measure(name, args, data)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Benchmark the fast cross-attention scorers against the loop reference at retrieval-gallery sizes.
 
-    python bench/similarity.py                      # CPU, Flickr30K test size: 1,000 images x 5,000 captions
-    python bench/similarity.py --scale 0.1          # a quick check: a tenth of the images and of the captions
-    python bench/similarity.py --device cuda        # adds COCO 5K (5,000 x 25,000) and fp16/bf16-autocast rows
-    python bench/similarity.py --precisions fp32 bf16   # choose the autocast rows (CPU autocast works too)
+    python -m bench.similarity                      # CPU, Flickr30K test size: 1,000 images x 5,000 captions
+    python -m bench.similarity --scale 0.1          # a quick check: a tenth of the images and of the captions
+    python -m bench.similarity --device cuda        # adds COCO 5K (5,000 x 25,000) and fp16/bf16-autocast rows
+    python -m bench.similarity --precisions fp32 bf16   # choose the autocast rows (CPU autocast works too)
+    python -m bench.similarity --methods "scan t2i avg" "uarda t2i avg"   # some of the methods
 
 Inputs are random unit vectors, 1,024-d: 36 regions per image, captions of 8..16 words (about 12) padded to 16.
 Cases: SCAN t-i AVG (λ1 9), SCAN i-t LSE (λ1 4, λ2 5) and
@@ -38,16 +39,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
-    PRECISION_DTYPES,
+from bench.common import (
     achieved,
     matmul_compute_dtype,
     median_seconds,
@@ -61,7 +58,7 @@ from common import (
     run_description,
     target_verdict,
 )
-
+from itm.device import autocast
 from itm.models.base import Encoded
 from itm.models.encoders import l2norm
 from itm.models.similarity import (
@@ -147,7 +144,7 @@ def _scoring(impl: str, method: str, images: Encoded, captions: Encoded, thresho
     precision = _precision(impl)
 
     def fast(caps: Encoded) -> torch.Tensor:
-        with torch.autocast(device, dtype=PRECISION_DTYPES[precision], enabled=precision != "fp32"):
+        with autocast(precision, torch.device(device)):
             return cross_attention_scores(images, caps, **settings)
 
     return fast
@@ -227,7 +224,9 @@ def _agreement(gallery: str, method: str, impl: str, fast: dict, reference: dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.similarity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the numbers of images and captions")
@@ -236,6 +235,7 @@ def main() -> None:
     parser.add_argument(
         "--precisions", nargs="+", choices=list(IMPLEMENTATIONS), help="fast-path rows; default fp32 (CPU), all (CUDA)"
     )
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="default: all")
     parser.add_argument("--peak-tflops", help="peak dense TFLOP/s: one figure, or per dtype 'bf16=989,fp32=66.9'")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
@@ -254,6 +254,7 @@ def main() -> None:
             _measure(gallery, method, impls, args, Path(folder), references)
             for gallery in galleries
             for method in METHODS
+            if method in args.methods
         ]
     _print_table(rows, args)
     _print_target(rows, args)

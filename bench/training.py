@@ -1,28 +1,31 @@
 """Benchmark matcher training: caption-image pairs per second of a training step, for every matcher kind.
 
-    python bench/training.py                            # CPU: reduced sizes (embed 256, word 128, batch 64), fp32
-    python bench/training.py --device cuda --compile    # full sizes; fp32, bf16 and fp16 rows, plus torch.compile
-    python bench/training.py --kinds scan_t2i_avg uarda --steps 20 --embed-dim 1024 --word-dim 300
+    python -m bench.training                            # CPU: reduced sizes (embed 256, word 128, batch 64), fp32
+    python -m bench.training --device cuda --compile    # full sizes; fp32, bf16 and fp16 rows, plus torch.compile
+    python -m bench.training --kinds scan_t2i_avg uarda --steps 20 --embed-dim 1024 --word-dim 300
 
 Each matcher is built from its `matchers:` block in params.yaml (vsepp, scan_t2i_avg, scan_i2t_lse, uarda, cvse,
 mh_cvse, mvam) with the papers' joint space and word embeddings (embed_dim 1024, word_dim 300; `--embed-dim`,
 `--word-dim`) instead of the small pipeline's. Inputs are random and seeded: batches of 128 images of 36 bottom-up
 regions of 2,048 features (stored fp16, as the region store holds them) and 128 captions of 8..16 tokens from a
 10,000-word vocabulary (Flickr30K-like), with multi-hot labels over 300 concepts for CVSE and MH-CVSE (whose
-concept graph comes from random co-occurrence counts). A training step is what itm/train/loop.py does per batch:
-the forward pass under the row's autocast, backward, gradient clipping at 2.0 and an Adam step; fp16 scales the
-loss with a GradScaler, bf16 needs none. Seconds per step are the median over `--steps` timed steps (cycling over
-4 batches) after `--warmup` steps; pairs/s = batch / that median, and the epoch projection is 145,000 pairs
-(Flickr30K's 29,000 train images x 5 captions) / pairs/s, data loading excluded.
+concept graph comes from random co-occurrence counts). A training step is the pipeline's own,
+`itm.train.loop.TrainingStep`: the forward pass under the row's autocast (`itm.device.autocast`, on a CPU too:
+a bf16 row there runs under CPU autocast, although training itself runs fp32 on a CPU), backward, gradient
+clipping at 2.0 and an Adam step (learning rate 2e-4); fp16 scales the loss with `gradient_scaler`'s GradScaler,
+bf16 needs none. Seconds per step are the median over `--steps` timed steps (cycling over 4 batches) after
+`--warmup` steps; pairs/s = batch / that median, and the epoch projection is 145,000 pairs (Flickr30K's 29,000
+train images x 5 captions) / pairs/s, data loading excluded.
 
-`--compile` adds a row per matcher with `torch.compile` applied to the matcher, at train.precision's autocast on a
-GPU (fp32 on a CPU); a compile that fails is reported as a row saying so.
+`--compile` adds a row per matcher with `torch.compile` applied to the matcher (the compiled module is the step's
+model), at train.precision's autocast on a GPU (fp32 on a CPU); a compile that fails is reported as a row saying
+so.
 
 Precision check: for each matcher, one step from the same weights on the same batch in fp32 and under bf16
 autocast (and fp16 with loss scaling on a GPU; bf16 CPU autocast on a CPU), dropout switched off so that the
-passes see the same network: the relative differences of the loss and of the gradient norm (before clipping). The
-hardest-negative hinge picks one negative per row, so a small change of the scores can move the loss by more than
-rounding alone.
+passes see the same network: the relative differences of the loss and of the gradient norm (`Stepped.grad_norm`,
+before clipping; the check's steps do not clip). The hardest-negative hinge picks one negative per row, so a small
+change of the scores can move the loss by more than rounding alone.
 
 Every case runs in its own process, so its peak memory is its own (CUDA: max allocated, weights, Adam state and
 inputs included; CPU: max resident set of the process).
@@ -36,19 +39,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
+import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import TypeAdapter
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (
-    PRECISION_DTYPES,
+from bench.common import (
     REPO,
     median_seconds,
     peak_memory_mib,
@@ -59,11 +58,13 @@ from common import (
     run_description,
     target_verdict,
 )
-
 from itm.config import MatcherParams, load_params
+from itm.data.batches import Captions, Regions
 from itm.data.concepts import Concepts
+from itm.device import PRECISION_DTYPES
+from itm.distributed import SINGLE_PROCESS
 from itm.models import Matcher, MatcherInputs, build_matcher
-from itm.models.base import Captions, Regions
+from itm.train.loop import TrainingStep, gradient_scaler
 
 MATCHERS = ("vsepp", "scan_t2i_avg", "scan_i2t_lse", "uarda", "cvse", "mh_cvse", "mvam")  # params.yaml blocks
 EPOCH_PAIRS = 145_000  # Flickr30K train: 29,000 images x 5 captions
@@ -71,6 +72,7 @@ TARGET_MATCHERS, TARGET_SECONDS = ("scan_t2i_avg", "scan_i2t_lse"), 30.0  # the 
 MIN_WORDS, MAX_WORDS = 8, 16
 N_BATCHES = 4  # distinct batches the timed steps cycle over
 GRAD_CLIP = 2.0  # train.grad_clip
+LEARNING_RATE = 2e-4  # train.learning_rate
 
 
 @dataclass(frozen=True)
@@ -130,38 +132,34 @@ def batches(sizes: Sizes, n_concepts: int, device: str) -> list[tuple[Regions, C
     return out
 
 
-class Trainer:
-    """One training step as itm/train/loop.py takes it: autocast forward, (scaled) backward, clip, Adam."""
-
-    def __init__(self, matcher: Matcher, precision: str, device: str, *, compiled: bool = False) -> None:
-        self.matcher, self.precision, self.device = matcher, precision, device
-        self.forward = torch.compile(matcher) if compiled else matcher
-        self.optimizer = torch.optim.Adam(matcher.parameters(), lr=2e-4)
-        self.scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
-
-    def step(self, regions: Regions, captions: Captions, *, clip: float = GRAD_CLIP) -> tuple[torch.Tensor, ...]:
-        """The loss and the gradient norm before clipping (tensors; reading them synchronises)."""
-        with torch.autocast(self.device, dtype=PRECISION_DTYPES[self.precision], enabled=self.precision != "fp32"):
-            loss = self.forward(regions, captions)["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.matcher.parameters(), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach(), norm
+def training_step(
+    matcher: Matcher, precision: str, device: str, *, compiled: bool = False, grad_clip: float = GRAD_CLIP
+) -> TrainingStep:
+    """The pipeline's training step (`itm.train.loop.TrainingStep`, one process) for `matcher` at `precision`,
+    asked for explicitly: autocast on any device, the CPU included (training itself runs fp32 on a CPU). With
+    `compiled`, the step's model is `torch.compile(matcher)`, whose parameters are the matcher's."""
+    where = torch.device(device)
+    return TrainingStep(
+        model=torch.compile(matcher) if compiled else matcher,
+        optimizer=torch.optim.Adam(matcher.parameters(), lr=LEARNING_RATE),
+        scaler=gradient_scaler(precision, where),
+        grad_clip=grad_clip,
+        device=where,
+        precision=precision,
+        context=SINGLE_PROCESS,
+    )
 
 
 def _throughput_case(name: str, precision: str, compiled: bool, sizes: Sizes, args: argparse.Namespace) -> dict:
     matcher = build(name, sizes, args.device).train()
     data = batches(sizes, matcher.n_concepts, args.device)
-    trainer = Trainer(matcher, precision, args.device, compiled=compiled)
+    train_step = training_step(matcher, precision, args.device, compiled=compiled)
     steps = iter(range(10**9))
     losses: list[torch.Tensor] = []
 
     def step() -> None:
         regions, captions = data[next(steps) % len(data)]
-        losses.append(trainer.step(regions, captions)[0])
+        losses.append(train_step(regions, captions).losses["loss"].detach())
 
     # a compiled matcher recompiles for new shapes: it first sees every batch (twice, for dynamic shapes)
     warmup = max(args.warmup, 2 * N_BATCHES) if compiled else args.warmup
@@ -200,8 +198,9 @@ def _precision_check_case(name: str, precisions: list[str], sizes: Sizes, args: 
     for precision in ["fp32", *precisions]:
         matcher.load_state_dict(initial)
         torch.manual_seed(0)
-        loss, norm = Trainer(matcher, precision, args.device).step(regions, captions, clip=float("inf"))
-        figures[precision] = {"loss": float(loss), "grad_norm": float(norm)}
+        stepped = training_step(matcher, precision, args.device, grad_clip=float("inf"))(regions, captions)
+        norm = math.nan if stepped.grad_norm is None else float(stepped.grad_norm)  # None: a non-finite loss
+        figures[precision] = {"loss": float(stepped.losses["loss"]), "grad_norm": norm}
     return figures
 
 
@@ -222,7 +221,9 @@ def _options(args: argparse.Namespace, sizes: Sizes) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--kinds", nargs="+", choices=MATCHERS, default=list(MATCHERS), help="params.yaml blocks")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISION_DTYPES),

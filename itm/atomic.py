@@ -7,6 +7,7 @@ replaced once its successor is whole.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -57,3 +58,14 @@ def staged_file(final: Path) -> Iterator[Path]:
         _replace(staging, final)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` (its folder created) under a temporary name, renamed into place when complete."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, document: object) -> None:
+    """Write `document` as indented JSON to `path`, atomically (`write_text`): metrics, plots and cards."""
+    write_text(path, json.dumps(document, indent=1))

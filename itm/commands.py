@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from itm.cli import run_stage
 from itm.config import PARAMS_FILE, load_params
+from itm.data.splits import DataFolders
 from itm.device import default_device
 from itm.errors import UserError
 from itm.search import (
@@ -32,6 +32,7 @@ from itm.search import (
     search_text,
     write_sheet,
 )
+from itm.stage_runner import run_stage
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,10 +93,8 @@ def search(args: argparse.Namespace) -> None:
     options = Options(top=args.top, shortlist=args.shortlist, shortlist_by=args.shortlist_by)
     if args.image is not None and not args.image.is_file():
         raise UserError(f"{args.image}: image not found")
-    index = open_index(
-        args.model, args.regions, args.captions, args.dataset or _dataset_dir(), args.split,
-        device=default_device(), batch_size=args.batch_size,
-    )  # fmt: skip
+    data = DataFolders(args.regions, args.captions, args.dataset or _dataset_dir())
+    index = open_index(args.model, data, args.split, device=default_device(), batch_size=args.batch_size)
     if args.text is not None:
         result = search_text(index, args.text, options)
     else:

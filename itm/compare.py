@@ -3,13 +3,13 @@
 Reads what the other stages wrote (`metrics/<name>.json`, `models/<name>/`, `data/scores/<name>.npz`) and writes:
 
 - `comparison.md` and `comparison.parquet`: one row per (protocol, model), the best value per column marked;
-- `comparison.json`: the same figures nested {protocol: {model: {column: value}}}, a DVC metrics file;
+- `comparison.json`: the same metrics nested {protocol: {model: {column: value}}}, a DVC metrics file;
 - `rsum.json`: one point per model, a DVC bar plot;
 - `figures/`: training curves, recall@K bars, and per model its retrieval examples, plus the word-region attention
   of a cross-attention matcher (SCAN, UARDA) or the per-view attention of a multi-view one (MVAM).
 
 In MLflow the comparison is a parent run with the table and figures as artifacts and one child run per model that
-carries the model's figures and links (tags `itm.run.<stage>`, and links in its note) to the runs that trained and
+carries the model's metrics and links (tags `itm.run.<stage>`, and links in its note) to the runs that trained and
 evaluated it.
 """
 
@@ -21,16 +21,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
-from itm.atomic import staged_dir, staged_file
+from itm.atomic import staged_dir, staged_file, write_json, write_text
 from itm.data.regions import RegionStore
-from itm.errors import UserError
-from itm.evaluate.ensemble import average_scores
-from itm.evaluate.run import SplitScores
+from itm.evaluate.ensemble import ensemble_scores
+from itm.evaluate.score_file import SplitScores
 from itm.figures import attention_figure, retrieval_figures, views_figure
+from itm.models.saved import CARD_FILE, load_matcher
+from itm.pair_attention import is_cross_attention, is_multi_view
 from itm.report import (
     Entry,
     comparison_markdown,
@@ -43,8 +43,6 @@ from itm.report import (
     training_curves,
 )
 from itm.tracking import Tracker
-from itm.train.saved import CARD_FILE, load_matcher
-from itm.views import is_cross_attention, is_multi_view
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +93,11 @@ def compare(
     with staged_dir(figures_dir) as staging:
         drawn = draw_figures(inputs, entries, table, staging, examples)
     markdown = comparison_markdown(table)
-    _write_text(out_dir / MARKDOWN_FILE, markdown)
+    write_text(out_dir / MARKDOWN_FILE, markdown)
     with staged_file(out_dir / TABLE_FILE) as tmp:
         table.to_parquet(tmp, index=False)
-    _write_text(out_dir / METRICS_FILE, json.dumps(comparison_metrics(table), indent=1))
-    _write_text(out_dir / RSUM_FILE, json.dumps(rsum_points(table), indent=1))
+    write_json(out_dir / METRICS_FILE, comparison_metrics(table))
+    write_json(out_dir / RSUM_FILE, rsum_points(table))
     log.info("comparison of %d models and %d figures in %s", len(entries), len(drawn), out_dir)
     log_comparison(tracker, inputs, entries, markdown, out_dir, [figures_dir / path.name for path in drawn])
     return out_dir / MARKDOWN_FILE
@@ -154,12 +152,7 @@ def model_scores(scores_dir: Path, entry: Entry) -> SplitScores:
     """A model's test similarity matrix: its own, or for an ensemble the mean of its members' (as ensemble@)."""
     if entry.type == "single":
         return SplitScores.load(scores_dir / f"{entry.name}.npz")
-    members = [SplitScores.load(scores_dir / f"{member}.npz") for member in entry.members]
-    first = members[0]
-    if any(not np.array_equal(member.caption_ids, first.caption_ids) for member in members[1:]):
-        raise UserError(f"ensemble {entry.name}: its members scored different test galleries; re-run their evaluation")
-    averaged = average_scores([member.scores for member in members])
-    return SplitScores(averaged, first.image_ids, first.caption_ids, first.caption_image)
+    return ensemble_scores([scores_dir / f"{member}.npz" for member in entry.members])
 
 
 def linked_runs(inputs: Inputs, entry: Entry, tracker: Tracker) -> dict[str, str]:
@@ -186,7 +179,7 @@ def log_comparison(
     out_dir: Path,
     figures: Sequence[Path],
 ) -> None:
-    """The parent run: the table (also as its note) and figures; one child run per model with its figures and
+    """The parent run: the table (also as its note) and figures; one child run per model with its metrics and
     links to the runs that produced it."""
     for name in (MARKDOWN_FILE, TABLE_FILE, METRICS_FILE):
         tracker.log_artifact(out_dir / name)
@@ -205,9 +198,3 @@ def log_comparison(
                 child.log_metrics({"train_seconds": entry.train_seconds})
             links = [f"- {stage}: [{run_id}]({tracker.run_link(run_id) or run_id})" for stage, run_id in runs.items()]
             child.set_tags({"mlflow.note.content": "\n".join([f"Runs behind {entry.name}:", *links])})
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with staged_file(path) as tmp:
-        tmp.write_text(text)

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 import torch
 
 Precision = Literal["bf16", "fp16", "fp32"]
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_device() -> torch.device:
@@ -21,11 +21,18 @@ def default_device() -> torch.device:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to `precision` ("bf16" or "fp16") on a CUDA device; "fp32", and any other device, run in fp32."""
+    """Autocast to `precision` ("bf16" or "fp16") on `device`'s type (CUDA or CPU); "fp32" runs without autocast."""
     check_precision(precision)
-    if precision == "fp32" or device.type != "cuda":
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
+
+
+def running_precision(precision: str, device: torch.device) -> str:
+    """The precision matchers train and score in on `device`: `precision` (`train.precision`, `evaluate.precision`)
+    on a GPU; fp32 on any other device, where autocast is slow and leaves the GRU in fp32."""
+    check_precision(precision)
+    return precision if device.type == "cuda" else "fp32"
 
 
 def check_precision(precision: str) -> None:

@@ -1,9 +1,10 @@
 """Running a stage as several processes (`torchrun`): who this process is, its share of the work, and collectives.
 
 A stage that is asked for more than one process (`gpus` x `nodes` in its params section) re-launches itself under
-`torchrun` (`relaunch_command`); each process then calls `start()`, which reads torchrun's environment (`RANK`,
-`LOCAL_RANK`, `WORLD_SIZE`), joins the process group (NCCL on GPUs, gloo on CPUs) and picks its GPU. Without
-torchrun, `start()` returns the single-process `Context`, and every helper here works unchanged in one process.
+`torchrun` (`itm.launch.relaunch_command`); each process then calls `start()`, which reads torchrun's environment
+(`RANK`, `LOCAL_RANK`, `WORLD_SIZE`), joins the process group (NCCL on GPUs, gloo on CPUs) and picks its GPU.
+Without torchrun, `start()` returns the single-process `Context`, and every helper here works unchanged in one
+process.
 
 Sharding follows detectron2's `InferenceSampler`: contiguous ranges whose sizes differ by at most one, never padded
 with repeated items (a `DistributedSampler` pads by repeating indices, which biases recall@K; pytorch#25162).
@@ -19,8 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,11 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from itm.errors import UserError
+from itm.launch import LOCAL_RANK, RANK, WORLD_SIZE, launched_by_torchrun
 
-# Set by torchrun in every process it starts; LOCAL_WORLD_SIZE is the processes on this node.
-RANK, LOCAL_RANK, WORLD_SIZE = "RANK", "LOCAL_RANK", "WORLD_SIZE"
-# Multi-node rendezvous, read by `relaunch_command` on every node: host:port of the c10d store and a job id.
-RDZV_ENDPOINT, RDZV_ID = "ITM_RDZV_ENDPOINT", "ITM_RDZV_ID"
 TIMEOUT = datetime.timedelta(minutes=30)  # a rank that waits longer than this for the others fails
 
 
@@ -60,32 +57,7 @@ class Context:
             dist.barrier()
 
 
-def launched_by_torchrun() -> bool:
-    return WORLD_SIZE in os.environ and RANK in os.environ
-
-
-def relaunch_command(module: str, argv: Sequence[str], gpus: int, nodes: int) -> list[str] | None:
-    """The `torchrun` command that runs `python -m module argv` as gpus x nodes processes; None when one process
-    is asked for, or when this process already is one of torchrun's.
-
-    One node: `--standalone` (a local rendezvous on a free port). Several nodes: every node runs the same stage
-    command, with ITM_RDZV_ENDPOINT=host:port (reachable from every node) and ITM_RDZV_ID (the same on every node)
-    set; torchrun's c10d rendezvous assigns the node ranks.
-    """
-    if launched_by_torchrun() or gpus * nodes <= 1:
-        return None
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", f"--nnodes={nodes}"]
-    if nodes == 1:
-        launcher.append("--standalone")
-    else:
-        endpoint, job = os.environ.get(RDZV_ENDPOINT), os.environ.get(RDZV_ID)
-        if not endpoint or not job:
-            raise UserError(
-                f"{nodes} nodes need {RDZV_ENDPOINT}=host:port (the rendezvous, reachable from every node) and "
-                f"{RDZV_ID}=<job id> in the environment of every node's stage command"
-            )
-        launcher += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job}"]
-    return [*launcher, "-m", module, *argv]
+SINGLE_PROCESS = Context()  # one process, on the CPU: the default of every function that takes a context
 
 
 def start(device: torch.device) -> Context:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from itm.errors import UserError
-from itm.train.saved import CARD_FILE, load_matcher
+from itm.models.saved import CARD_FILE, load_matcher
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 HIGHER_IS_BETTER = (*RECALLS, "rsum")
@@ -147,13 +147,13 @@ def _number(value: object) -> str:
 
 
 def comparison_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
-    """The table as nested figures {protocol: {model: {column: value}}} for a DVC metrics file (unknown values left
+    """The table as nested metrics {protocol: {model: {column: value}}} for a DVC metrics file (unknown values left
     out), so `dvc metrics diff` compares every model between experiments."""
     numeric = [column for column in HEADERS if column in table.columns and column not in ("name", "type", "kind")]
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for _, row in table.iterrows():
-        figures = {column: float(row[column]) for column in numeric if _known(row[column])}
-        metrics.setdefault(str(row["protocol"]), {})[str(row["name"])] = figures
+        values = {column: float(row[column]) for column in numeric if _known(row[column])}
+        metrics.setdefault(str(row["protocol"]), {})[str(row["name"])] = values
     return metrics
 
 
@@ -169,7 +169,7 @@ def rsum_points(table: pd.DataFrame) -> list[dict[str, object]]:
 
 
 def read_histories(models_dir: Path, matchers: Sequence[str]) -> dict[str, list[dict[str, float]]]:
-    """Each matcher's per-epoch figures from its model card (matchers whose card has no history are left out)."""
+    """Each matcher's per-epoch metrics from its model card (matchers whose card has no history are left out)."""
     histories = {}
     for name in matchers:
         card = json.loads((models_dir / name / CARD_FILE).read_text())

@@ -6,9 +6,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.cli import run_stage
 from itm.compare import Examples, Inputs, compare
 from itm.config import PARAMS_FILE, load_params
+from itm.stage_runner import run_stage
 from itm.tracking import start_run
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.cli import default_workers, run_stage
+from itm.atomic import write_json
 from itm.config import PARAMS_FILE, load_params
-from itm.detect.stages import convert_published_detector, record_no_detector, train_synthetic_detector
+from itm.detect.obtain import convert_published_detector, record_no_detector, train_synthetic_detector
 from itm.device import default_device
+from itm.stage_runner import default_workers, run_stage
 from itm.tracking import start_run
 
 
@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     parser.add_argument("--dataset", type=Path, required=True, help="data/raw/<name> (training data)")
     parser.add_argument("--out", type=Path, required=True, help="detector folder to write (models/detector)")
-    parser.add_argument("--metrics", type=Path, required=True, help="validation figures (metrics/detector.json)")
+    parser.add_argument("--metrics", type=Path, required=True, help="validation metrics (metrics/detector.json)")
     parser.add_argument("--work", type=Path, default=Path("data/work/detector"), help="resumable checkpoints")
     parser.add_argument("--cache", type=Path, default=Path("data/downloads"), help="where downloads are kept")
     parser.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes")
@@ -50,8 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             card = record_no_detector(args.out)
         tracker.log_dict(card, "card.json")
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(card.get("validation") or {}, indent=1))
+    write_json(args.metrics, card.get("validation") or {})
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.cli import run_stage
 from itm.config import PARAMS_FILE, load_params
 from itm.data.sources import materialise
+from itm.stage_runner import run_stage
 from itm.tracking import start_run
 
 

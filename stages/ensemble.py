@@ -6,10 +6,11 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.cli import run_stage
+from itm.atomic import write_json
 from itm.config import PARAMS_FILE, load_params
 from itm.errors import UserError
-from itm.evaluate.run import evaluate_ensemble, write_json
+from itm.evaluate.ensemble import evaluate_ensemble
+from itm.stage_runner import run_stage
 from itm.tracking import start_run
 
 
@@ -29,9 +30,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     members = params.evaluate.ensembles[args.name]
     tags = {"itm.ensemble": args.name, "itm.dataset": params.dataset}
     with start_run(f"ensemble@{args.name}", params={"ensemble": {args.name: list(members)}}, tags=tags) as tracker:
-        figures = evaluate_ensemble([args.scores / f"{member}.npz" for member in members], params.active_dataset.kind)
-        tracker.log_metrics(figures)
-        write_json(args.metrics, figures)
+        metrics = evaluate_ensemble([args.scores / f"{member}.npz" for member in members], params.active_dataset.kind)
+        tracker.log_metrics(metrics)
+        write_json(args.metrics, metrics)
 
 
 if __name__ == "__main__":

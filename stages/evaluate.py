@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from itm import distributed
-from itm.cli import relaunch_under_torchrun, run_stage
-from itm.config import PARAMS_FILE, Params, load_params
+from itm.atomic import write_json
+from itm.config import PARAMS_FILE, load_params
+from itm.data.splits import DataFolders
 from itm.device import default_device
-from itm.distributed import Context
 from itm.evaluate.completion import ConceptCompletion
-from itm.evaluate.run import RECALL_CURVE_FILE, SplitScores, evaluate_matcher, recall_curve, write_json
-from itm.tracking import NullTracker, Tracker, start_run
+from itm.evaluate.run import RECALL_CURVE_FILE, evaluate_matcher, recall_curve
+from itm.evaluate.score_file import SplitScores
+from itm.stage_runner import relaunch_under_torchrun, run_stage
+from itm.tracking import start_run_on_main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -37,41 +38,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     completion = None
     if settings.transductive_concepts:
         completion = ConceptCompletion(settings.completion_text_neighbours, settings.completion_image_window)
-    with distributed.processes(default_device()) as context, _tracking(args.matcher, params, context) as tracker:
-        # every rank encodes and scores its share; rank 0 alone writes the outputs
-        figures = evaluate_matcher(
+    tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset}
+    logged = {
+        "matcher": args.matcher,
+        "transductive_concepts": settings.transductive_concepts,
+        "precision": settings.precision,
+    }
+    with (
+        distributed.processes(default_device()) as context,
+        # rank 0 alone logs to MLflow (the others' tracker records nothing: run id None) and writes the outputs
+        start_run_on_main(context.is_main, f"evaluate@{args.matcher}", params=logged, tags=tags) as tracker,
+    ):
+        # every rank encodes and scores its share
+        metrics = evaluate_matcher(
             args.model,
-            args.regions,
-            args.captions,
+            DataFolders(args.regions, args.captions, args.dataset),
             params.active_dataset.kind,
             scores_path=args.scores,
             device=context.device,
             batch_size=args.batch_size,
             precision=settings.precision,
             completion=completion,
-            dataset_dir=args.dataset,
             run_id=tracker.run_id,
             context=context,
         )
         if context.is_main:
-            tracker.log_metrics(figures)
-            write_json(args.metrics, figures)
+            tracker.log_metrics(metrics)
+            write_json(args.metrics, metrics)
             write_json(args.plots / RECALL_CURVE_FILE, recall_curve(SplitScores.load(args.scores)))
             tracker.log_artifact(args.metrics)
-
-
-def _tracking(matcher: str, params: Params, context: Context) -> contextlib.AbstractContextManager[Tracker]:
-    """The MLflow run of the evaluation on rank 0; a tracker that records nothing (run id None) on the others."""
-    if not context.is_main:
-        return contextlib.nullcontext(NullTracker())
-    tags = {"itm.matcher": matcher, "itm.dataset": params.dataset}
-    settings = params.evaluate
-    logged = {
-        "matcher": matcher,
-        "transductive_concepts": settings.transductive_concepts,
-        "precision": settings.precision,
-    }
-    return start_run(f"evaluate@{matcher}", params=logged, tags=tags)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,18 @@ precomputed features stays one process's work.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from itm import distributed
-from itm.cli import default_workers, relaunch_under_torchrun, run_stage
+from itm.atomic import write_json
 from itm.config import PARAMS_FILE, Params, RegionParams, load_params
 from itm.data.precomp import import_precomp
 from itm.data.records import DATASET_JSON
+from itm.detect.dataset_regions import extract_regions
 from itm.detect.extract import Extraction, Selection
-from itm.detect.stages import extract_regions
 from itm.device import default_device
+from itm.stage_runner import default_workers, relaunch_under_torchrun, run_stage
 from itm.tracking import start_run_on_main
 
 
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dataset", type=Path, required=True, help="data/raw/<name>")
     parser.add_argument("--detector", type=Path, required=True, help="models/detector")
     parser.add_argument("--out", type=Path, required=True, help="region store to write (data/regions)")
-    parser.add_argument("--metrics", type=Path, required=True, help="summary figures (metrics/regions.json)")
+    parser.add_argument("--metrics", type=Path, required=True, help="summary metrics (metrics/regions.json)")
     parser.add_argument("--work", type=Path, default=Path("data/work/regions"), help="resumable shards")
     parser.add_argument("--shard-size", type=int, default=500, help="images per resumable shard")
     parser.add_argument("--workers", type=int, default=default_workers(), help="image decoding processes")
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
             tracker.log_metrics(summary)
         if context.is_main:
-            _write_metrics(args.metrics, summary)
+            write_json(args.metrics, _stable_metrics(summary))
 
 
 def _import_precomputed(params: Params, args: argparse.Namespace) -> dict[str, float]:
@@ -70,11 +70,10 @@ def _extraction(settings: RegionParams, shard_size: int, workers: int) -> Extrac
     )
 
 
-def _write_metrics(path: Path, summary: dict[str, float]) -> None:
-    """The DVC metrics file. Throughput goes to MLflow and the log only: here it would differ on every run."""
-    figures = {key: value for key, value in summary.items() if not key.endswith("images_per_second")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=1))
+def _stable_metrics(summary: dict[str, float]) -> dict[str, float]:
+    """The DVC metrics file's content. Throughput goes to MLflow and the log only: here it would differ on every
+    run."""
+    return {key: value for key, value in summary.items() if not key.endswith("images_per_second")}
 
 
 if __name__ == "__main__":

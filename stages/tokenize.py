@@ -6,10 +6,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.cli import run_stage
 from itm.config import PARAMS_FILE, load_params
 from itm.data.captions import write_captions
 from itm.data.records import read_dataset_json
+from itm.stage_runner import run_stage
 from itm.tracking import start_run
 
 

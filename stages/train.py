@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from itm import distributed
-from itm.cli import default_workers, relaunch_under_torchrun, run_stage
 from itm.config import PARAMS_FILE, load_params
+from itm.data.splits import DataFolders
 from itm.device import default_device
 from itm.errors import UserError
+from itm.stage_runner import default_workers, relaunch_under_torchrun, run_stage
 from itm.tracking import start_run_on_main
 from itm.train.run import resolved_settings, train_matcher
 
@@ -44,14 +45,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.matcher,
             matcher,
             params.train,
-            regions_dir=args.regions,
-            captions_dir=args.captions,
+            data=DataFolders(args.regions, args.captions, args.dataset),
             out_dir=args.out,
             work_dir=args.work,
             tracker=tracker,
             device=context.device,
             workers=args.workers,
-            dataset_dir=args.dataset,
             context=context,
         )
 

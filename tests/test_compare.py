@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from itm.compare import Inputs, linked_runs, log_comparison, model_scores
-from itm.evaluate.run import SplitScores
+from itm.evaluate.score_file import SplitScores
 from itm.report import Entry, comparison_metrics, rsum_points
 from itm.tracking import NullTracker, start_run
 
@@ -89,6 +89,7 @@ def test_parent_run_has_one_child_per_model_with_its_links(tmp_path: Path) -> No
     assert tracker.children["ab"].params["members"] == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_mlflow_children_are_nested_and_find_the_ensemble_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 

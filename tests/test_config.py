@@ -213,6 +213,7 @@ def test_unreadable_files(tmp_path: Path) -> None:
         load_params(listing)
 
 
+@pytest.mark.slow
 def test_stage_reports_bad_params_in_one_line_and_exits_nonzero(tmp_path: Path) -> None:
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(_mutated(lambda r: r["datasets"]["synthetic"].update(seed=-1.5))))

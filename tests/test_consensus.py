@@ -20,7 +20,7 @@ from itm.data.loaders import CaptionTable, PairCollator, image_concepts
 from itm.data.regions import pad_regions
 from itm.errors import UserError
 from itm.evaluate.completion import ConceptCompletion, image_windows, text_neighbours
-from itm.models import MatcherInputs, build_matcher
+from itm.models import MatcherInputs, build_matcher, inputs_for_training
 from itm.models.base import Encoded
 from itm.models.consensus import (
     ConceptPredictor,
@@ -252,10 +252,10 @@ def test_glove_vectors_initialise_the_concept_inputs(tmp_path: Path) -> None:
         {"kind": "cvse", "embed_dim": 8, "word_dim": 4, "concept_input_dim": 3, "glove_path": str(glove)}
     )
     concepts = _concepts(("star", "moon", "red"))
-    inputs = build_matcher(params, MatcherInputs(5, 10, concepts)).image_encoder.graph.inputs
+    inputs = build_matcher(params, inputs_for_training(params, 5, 10, concepts)).image_encoder.graph.inputs
     _close(inputs[0], torch.tensor([4.0, 5.0, 6.0]))
     _close(inputs[2], torch.tensor([1.0, 2.0, 3.0]))
-    random = build_matcher(params, MatcherInputs(5, 10, concepts, read_pretrained=False)).image_encoder.graph.inputs
+    random = build_matcher(params, MatcherInputs(5, 10, concepts)).image_encoder.graph.inputs  # a saved model's
     _close(inputs[1], random[1])  # "moon" is not in the file: it keeps its (seeded) random vector
     assert not torch.allclose(random[0], inputs[0])
 

@@ -243,6 +243,7 @@ def test_saved_size_major_anchors_keep_the_checkpoint_order(tiny: BottomUpDetect
     assert_same_regions(model.eval(), tiny)  # a different anchor order, the same network
 
 
+@pytest.mark.slow
 def test_full_size_butd_round_trip(tmp_path: Path) -> None:
     full = DetectorArchitecture()
     state = ours(random_detector(full, 1601, 401, seed=2))

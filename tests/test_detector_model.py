@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 
@@ -36,6 +37,7 @@ def test_anchor_stride_is_16_whatever_the_padding() -> None:
     assert anchors[-1].tolist() == [-56 + 62 * 16, -56 + 37 * 16, 71 + 62 * 16, 71 + 37 * 16]
 
 
+@pytest.mark.slow
 def test_full_size_butd_model_runs_on_a_600_by_1000_image() -> None:
     architecture = DetectorArchitecture(rpn_post_nms_test=8)  # the published model, fewer proposals for speed
     model = build_detector(architecture, 1601, 401).eval()

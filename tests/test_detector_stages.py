@@ -20,6 +20,8 @@ from stages import detector, regions
 from tests.conftest import REPO, TINY_DETECTOR, TINY_SYNTHETIC
 from tests.test_convert import TINY, detectron2_layout, ours, random_detector, write_detectron2_pickle
 
+pytestmark = pytest.mark.slow  # whole stages
+
 
 def _params(tmp_path: Path, change=None) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -33,6 +33,7 @@ def _train(dataset: Path, work: Path, tracker: NullTracker):
     )
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_same_weights(
     tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

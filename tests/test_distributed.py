@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from itm import distributed
@@ -35,6 +36,7 @@ def _gathers(context: Context) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_collectives_in_two_processes() -> None:
     results = run_processes(_gathers)
     for result in results:

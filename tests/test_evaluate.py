@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from itm.data.batches import Captions, Regions
 from itm.data.regions import ImageRegions, RegionStore, write_store
-from itm.device import autocast
+from itm.device import autocast, running_precision
 from itm.errors import UserError
 from itm.evaluate.ensemble import average_scores
 from itm.evaluate.metrics import naive_recall_metrics, recall_metrics
@@ -25,7 +26,7 @@ from itm.evaluate.scoring import (
     retrieval_timing,
     score_matrix,
 )
-from itm.models.base import Captions, Encoded, Matcher, Regions
+from itm.models.base import Encoded, Matcher
 
 CPU = torch.device("cpu")
 
@@ -332,11 +333,14 @@ def test_score_matrix_runs_in_eval_mode() -> None:
     assert isinstance(scored, Scored) and seen == [False] * 4 and matcher.training
 
 
-def test_precision_autocasts_only_on_cuda() -> None:
+def test_matchers_autocast_only_on_cuda() -> None:
     cuda = torch.device("cuda")
     for precision in ("bf16", "fp16", "fp32"):
-        assert isinstance(autocast(precision, CPU), contextlib.nullcontext)  # the CPU scores in fp32
+        assert running_precision(precision, CPU) == "fp32"  # the CPU trains and scores in fp32
+        assert running_precision(precision, cuda) == precision
     assert isinstance(autocast("fp32", cuda), contextlib.nullcontext)
+    assert isinstance(autocast("fp32", CPU), contextlib.nullcontext)
+    assert autocast("bf16", CPU).fast_dtype == torch.bfloat16  # asked for explicitly (region extraction, benchmarks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available": the object is made all the same
         assert autocast("bf16", cuda).fast_dtype == torch.bfloat16

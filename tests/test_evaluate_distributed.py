@@ -23,12 +23,15 @@ from itm.data.loaders import CaptionTable
 from itm.data.regions import RegionStore
 from itm.distributed import Context
 from itm.evaluate.completion import ConceptCompletion
-from itm.evaluate.run import SplitScores, figures_for
+from itm.evaluate.protocols import protocol_metrics
+from itm.evaluate.score_file import SplitScores
 from itm.evaluate.scoring import encode_captions, encode_images, score_split
 from itm.models import Matcher, MatcherInputs, build_matcher
 from itm.models.base import Encoded
 from tests.processes import run_processes
 from tests.test_evaluate import _store
+
+pytestmark = pytest.mark.slow  # several processes
 
 CPU = torch.device("cpu")
 FEATURE_DIM, VOCAB, N_CONCEPTS = 6, 30, 5
@@ -153,10 +156,10 @@ def _assert_same_scores(ranks: list[dict[str, Any]], case: Case) -> dict[str, fl
         assert torch.equal(shared, alone)
         assert shared_ids == image_ids and torch.equal(shared_rows, caption_image)
         test = SplitScores(shared, np.array(image_ids), captions.caption_ids, caption_image)
-        expected = figures_for(
+        expected = protocol_metrics(
             SplitScores(alone, np.array(image_ids), captions.caption_ids, caption_image), "synthetic"
         )
-        assert figures_for(test, "synthetic") == expected
+        assert protocol_metrics(test, "synthetic") == expected
         figures.append(expected)
     assert figures[0] == figures[1]
     return figures[0]

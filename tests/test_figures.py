@@ -23,7 +23,7 @@ from itm.data.regions import RegionStore, write_store
 from itm.data.text import tokenize
 from itm.data.vocab import load_vocab
 from itm.errors import UserError
-from itm.evaluate.run import SplitScores
+from itm.evaluate.score_file import SplitScores
 from itm.figures import (
     attention_figure,
     attention_pairs,
@@ -41,7 +41,7 @@ from itm.figures import (
 )
 from itm.figures.canvas import PANEL, Sheet
 from itm.models import MatcherInputs, build_matcher
-from itm.train.saved import save_matcher
+from itm.models.saved import save_matcher
 from tests.conftest import TINY_SYNTHETIC
 from tests.test_matcher_stages import prepared  # noqa: F401 (a module fixture)
 from tests.test_mvam import TINY_CLIP
@@ -188,6 +188,7 @@ def _png_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
+@pytest.mark.slow
 def test_attention_pairs_are_the_same_for_every_matcher_with_one_panel_per_word(repo: Path) -> None:
     t2i = attention_pairs(repo / "models" / "scan_t2i", **_inputs(repo), pairs=3, seed=4)
     i2t = attention_pairs(repo / "models" / "scan_i2t", **_inputs(repo), pairs=3, seed=4)
@@ -203,6 +204,7 @@ def test_attention_pairs_are_the_same_for_every_matcher_with_one_panel_per_word(
     assert not np.allclose(i2t.pairs[0].weights.sum(axis=1), 1.0)  # i2t: rows are shares, not distributions
 
 
+@pytest.mark.slow
 def test_attention_figure_draws_the_image_and_a_panel_per_word(repo: Path, drawn: list[Any]) -> None:
     path = repo / "out" / "attention.png"
     attention_figure(repo / "models" / "scan_t2i", **_inputs(repo), path=path, pairs=2, seed=1)
@@ -216,6 +218,7 @@ def test_attention_figure_draws_the_image_and_a_panel_per_word(repo: Path, drawn
     assert _png_size(repo / "out" / "one.png")[1] < height  # the figure grows with the pairs
 
 
+@pytest.mark.slow
 def test_skipped_words_are_marked(repo: Path, drawn: list[Any]) -> None:
     uarda = attention_pairs(repo / "models" / "uarda", **_inputs(repo), pairs=1)
     assert uarda.threshold == pytest.approx(2.0) and uarda.pairs[0].skipped.all()
@@ -224,6 +227,7 @@ def test_skipped_words_are_marked(repo: Path, drawn: list[Any]) -> None:
     assert word_titles == [f"{word} (skipped)" for word in uarda.pairs[0].words]
 
 
+@pytest.mark.slow
 def test_views_over_regions(repo: Path, drawn: list[Any]) -> None:
     panels = view_panels(repo / "models" / "mvam", **_inputs(repo), seed=4)
     first = attention_pairs(repo / "models" / "scan_t2i", **_inputs(repo), pairs=1, seed=4).pairs[0]
@@ -240,6 +244,7 @@ def test_views_over_regions(repo: Path, drawn: list[Any]) -> None:
     assert _png_size(repo / "out" / "views.png")[0] > 500
 
 
+@pytest.mark.slow
 def test_views_over_vit_patches(repo: Path, drawn: list[Any]) -> None:
     panels = view_panels(repo / "models" / "mvam_clip", **_inputs(repo))
     side = TINY_CLIP["vision_cfg"]["image_size"] // TINY_CLIP["vision_cfg"]["patch_size"]
@@ -251,6 +256,7 @@ def test_views_over_vit_patches(repo: Path, drawn: list[Any]) -> None:
     assert len(drawn[0].axes) == 4 + 1 + 1 + 1  # views, their colour bar, the word map and its colour bar
 
 
+@pytest.mark.slow
 def test_matchers_without_the_drawn_attention_are_refused(repo: Path) -> None:
     out = repo / "out" / "refused.png"
     for name in ("vsepp", "mvam"):
@@ -262,6 +268,7 @@ def test_matchers_without_the_drawn_attention_are_refused(repo: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_inputs_are_user_errors(repo: Path, prepared: Path, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(UserError, match=r"model\.pt: not found"):
         attention_figure(tmp_path / "nothing", **_inputs(repo), path=tmp_path / "a.png")
@@ -288,6 +295,7 @@ def _planted_scores(root: Path) -> SplitScores:
     return SplitScores(scores, image_ids, table.caption_ids, caption_image)
 
 
+@pytest.mark.slow
 def test_retrieval_figures_mark_the_ground_truth_as_the_scores_say(repo: Path, drawn: list[Any]) -> None:
     scores = _planted_scores(repo)
     t2i, i2t = repo / "out" / "t2i.png", repo / "out" / "i2t.png"

@@ -22,10 +22,10 @@ from itm.data.records import read_dataset_json
 from itm.data.regions import ImageRegions, write_store
 from itm.errors import UserError
 from itm.evaluate.metrics import recall_metrics
-from itm.evaluate.run import SplitScores
+from itm.evaluate.score_file import SplitScores
+from itm.models.saved import load_matcher
 from itm.train import loop
 from itm.train.loop import CHECKPOINT
-from itm.train.saved import load_matcher
 from stages import ensemble, evaluate, tokenize, train
 from tests.conftest import REPO, TINY_SYNTHETIC
 from tests.test_mvam import TINY_CLIP
@@ -120,6 +120,7 @@ def test_the_default_matchers_are_all_tested() -> None:
     assert yaml.safe_load((REPO / "params.yaml").read_text())["matchers"].keys() == DEFAULT_MATCHERS.keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DEFAULT_MATCHERS)
 def test_train_then_evaluate_each_default_matcher(prepared: Path, name: str) -> None:
     _train(prepared, name)
@@ -154,6 +155,7 @@ def test_train_then_evaluate_each_default_matcher(prepared: Path, name: str) -> 
         assert "test/transductive_concepts" not in figures
 
 
+@pytest.mark.slow
 def test_mvam_over_open_clip_reads_the_raw_images(prepared: Path, tiny_synthetic: Path) -> None:
     """The open_clip backbone trains on the pixels of data/raw/<dataset>/images and its own tokens, and evaluates
     with one dot product per pair; without --dataset the stage says what is missing."""
@@ -167,6 +169,7 @@ def test_mvam_over_open_clip_reads_the_raw_images(prepared: Path, tiny_synthetic
         _evaluate(prepared, "mvam_clip")
 
 
+@pytest.mark.slow
 def test_mh_cvse_saves_its_loss_weights_schedule_and_concepts(prepared: Path) -> None:
     """DWA keeps CVSE's weights through epoch 2's training and sets new ones at its end, so a model selected after
     epoch 2 or later carries moved weights; the schedule is MH-CVSE's cosine; the concepts travel in model.pt."""
@@ -183,6 +186,7 @@ def test_mh_cvse_saves_its_loss_weights_schedule_and_concepts(prepared: Path) ->
     )
 
 
+@pytest.mark.slow
 def test_transductive_concepts_are_reported(prepared: Path) -> None:
     if not (prepared / "models" / "cvse").is_dir():
         _train(prepared, "cvse")
@@ -203,6 +207,7 @@ def test_transductive_concepts_are_reported(prepared: Path) -> None:
     assert not torch.equal(first, second)  # completed labels change the textual consensus embeddings
 
 
+@pytest.mark.slow
 def test_ensemble_of_the_two_scan_directions(prepared: Path) -> None:
     for name in ("scan_t2i_avg", "scan_i2t_lse"):
         if not (prepared / "scores" / f"{name}.npz").is_file():
@@ -217,6 +222,7 @@ def test_ensemble_of_the_two_scan_directions(prepared: Path) -> None:
     assert figures["test/rsum"] == pytest.approx(expected["rsum"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vsepp", "mh_cvse"])
 def test_an_interrupted_training_resumes_to_the_same_model(
     prepared: Path, monkeypatch: pytest.MonkeyPatch, name: str
@@ -252,6 +258,7 @@ def test_an_interrupted_training_resumes_to_the_same_model(
         assert torch.equal(value, second["state_dict"][key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -278,6 +285,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_evaluate_under_torchrun(prepared: Path) -> None:
     """`train.gpus: 2` and `evaluate.gpus: 2` on a CPU: each stage re-launches itself under torchrun as two gloo
     processes. Training matches one process with the same global batch up to rounding (SCAN has no parameter with a

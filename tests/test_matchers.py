@@ -13,10 +13,11 @@ from pydantic import TypeAdapter
 from torch import Tensor, nn
 
 from itm.config import MatcherParams
+from itm.data.batches import Captions, Regions
 from itm.data.concepts import Concepts
 from itm.models import Matcher, MatcherInputs, build_matcher, list_matchers
 from itm.models import similarity as similarity_module
-from itm.models.base import Captions, Encoded, Regions
+from itm.models.base import Encoded
 from itm.models.encoders import TextEncoder, l2norm
 from itm.models.losses import ContrastiveLoss
 from itm.models.similarity import (

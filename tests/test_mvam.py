@@ -14,13 +14,13 @@ from pydantic import TypeAdapter
 from torch import Tensor
 
 from itm.config import MatcherParams
+from itm.data.batches import Captions, Pixels, Regions
 from itm.data.loaders import pad_captions
 from itm.errors import UserError
 from itm.models import Matcher, MatcherInputs, build_matcher
-from itm.models.base import Captions, Pixels, Regions
 from itm.models.encoders import l2norm
 from itm.models.mvam import InfoNceLoss, MultiViewAttention, diversity_penalty
-from itm.views import pair_views
+from itm.pair_attention import pair_views
 
 
 def _close(actual: Tensor, expected: Tensor, atol: float = 1e-6) -> None:

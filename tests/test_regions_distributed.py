@@ -22,6 +22,8 @@ from itm.distributed import Context
 from tests.conftest import TINY_DETECTOR, TINY_SYNTHETIC
 from tests.processes import run_processes
 
+pytestmark = pytest.mark.slow  # several processes
+
 # 7 images per shard: train 60 -> 9 shards (5 for rank 0, 4 for rank 1), val 10 -> 2, test 30 -> 5 (3 and 2), the
 # last shard of each split partial.
 SETTINGS = Extraction(

@@ -19,6 +19,8 @@ from itm.detect.images import UnreadableImageError, load_bgr
 from itm.detect.model import build_detector
 from tests.conftest import TINY_DETECTOR, TINY_SYNTHETIC
 
+pytestmark = pytest.mark.slow  # whole extractions with a trained detector
+
 SELECTION = Selection(nms_threshold=0.3, confidence_threshold=0.2, min_boxes=3, max_boxes=10)
 
 

@@ -12,8 +12,8 @@ from pydantic import TypeAdapter
 from itm.config import MatcherParams
 from itm.errors import UserError
 from itm.models import MatcherInputs, build_matcher
+from itm.models.saved import save_matcher
 from itm.report import comparison_markdown, comparison_table, read_entries
-from itm.train.saved import save_matcher
 
 
 def _recalls(protocol: str, base: float) -> dict[str, float]:

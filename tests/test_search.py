@@ -25,16 +25,19 @@ from itm.data.captions import read_concept_labels
 from itm.data.loaders import read_captions
 from itm.data.records import read_dataset_json
 from itm.data.regions import write_store
+from itm.data.splits import DataFolders
 from itm.data.text import tokenize
 from itm.data.vocab import load_vocab
 from itm.detect.extract import Selection, regions_of_batch
 from itm.detect.images import load_bgr
 from itm.detect.saved import save_detector
 from itm.errors import UserError
-from itm.evaluate.run import SplitScores, evaluate_matcher
+from itm.evaluate.run import evaluate_matcher
+from itm.evaluate.score_file import SplitScores
 from itm.models import MatcherInputs, build_matcher
 from itm.models.base import Encoded
 from itm.models.encoders import l2norm
+from itm.models.saved import save_matcher
 from itm.search import (
     Options,
     SearchIndex,
@@ -47,7 +50,6 @@ from itm.search import (
     shortlist_rank,
     text_query,
 )
-from itm.train.saved import save_matcher
 from stages import train
 from tests.conftest import TINY_DETECTOR, TINY_SYNTHETIC
 from tests.test_convert import random_detector
@@ -80,8 +82,8 @@ def repo(prepared: Path, tiny_synthetic: Path) -> Path:  # noqa: F811
 
 
 def _index(repo: Path, name: str, regions: Path | None = None, models: Path | None = None) -> SearchIndex:
-    return open_index((models or repo / "models") / name, regions or repo / "data/regions", repo / "data/captions",
-                      repo / "data/raw/synthetic", "test", device=CPU, batch_size=16)  # fmt: skip
+    data = DataFolders(regions or repo / "data/regions", repo / "data/captions", repo / "data/raw/synthetic")
+    return open_index((models or repo / "models") / name, data, "test", device=CPU, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +92,9 @@ def full_scores(repo: Path) -> dict[str, SplitScores]:
     matrices = {}
     for name in TRAINED:
         path = repo / "scores" / f"{name}.npz"
-        evaluate_matcher(repo / "models" / name, repo / "data/regions", repo / "data/captions", "synthetic",
-                         scores_path=path, device=CPU, batch_size=16, precision="fp32")  # fmt: skip
+        data = DataFolders(repo / "data/regions", repo / "data/captions")
+        evaluate_matcher(repo / "models" / name, data, "synthetic", scores_path=path, device=CPU, batch_size=16,
+                         precision="fp32")  # fmt: skip
         matrices[name] = SplitScores.load(path)
     return matrices
 
@@ -143,6 +146,7 @@ def test_hard_attention_score_equals_a_direct_loop(direction: str) -> None:
         assert torch.allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_hard_score_lets_the_words_of_a_text_query_attend(repo: Path) -> None:
     """Text queries: words attend (t2i) whatever the matcher's direction; image queries: the matcher's direction
     (the better shortlists measured by bench/search_shortlist.py)."""
@@ -171,6 +175,7 @@ def test_shortlist_rank_rescores_only_the_shortlist_and_keeps_gallery_order_on_t
 # --- text queries ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINED)
 def test_a_caption_as_query_ranks_like_the_evaluation(repo: Path, full_scores: dict, name: str) -> None:
     """The query is encoded as the stored caption is (same token ids, same concepts), and the full ranking is the
@@ -189,6 +194,7 @@ def test_a_caption_as_query_ranks_like_the_evaluation(repo: Path, full_scores: d
         assert all(h.path is not None and h.path.is_file() for h in result.hits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["scan_t2i_avg", "scan_i2t_lse"])
 @pytest.mark.parametrize("by", ["hard", "pooled"])
 def test_a_shortlist_of_the_whole_gallery_is_the_full_ranking(repo: Path, name: str, by: str) -> None:
@@ -205,6 +211,7 @@ def test_a_shortlist_of_the_whole_gallery_is_the_full_ranking(repo: Path, name: 
         assert all(h.score == pytest.approx(exact[h.item_id], abs=1e-6) for h in short.hits)  # full scores
 
 
+@pytest.mark.slow
 def test_query_concepts_are_the_tokenize_labels(repo: Path) -> None:
     index = _index(repo, "cvse")
     labels = read_concept_labels(repo / "data/captions", "test")
@@ -213,6 +220,7 @@ def test_query_concepts_are_the_tokenize_labels(repo: Path) -> None:
         assert query_concepts(tokenize(text), index.concept_words) == labels[caption_id]
 
 
+@pytest.mark.slow
 def test_unknown_words_are_named(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
     index = _index(repo, "scan_t2i_avg")
     with caplog.at_level(logging.WARNING, logger="itm.search"):
@@ -230,6 +238,7 @@ def _test_image(tiny_synthetic: Path, position: int = 0) -> tuple[int, Path]:
     return record.imgid, tiny_synthetic / "images" / record.filename
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["scan_t2i_avg", "vsepp"])
 def test_an_indexed_image_finds_its_own_captions_marked(
     repo: Path, tiny_synthetic: Path, full_scores: dict, name: str
@@ -248,6 +257,7 @@ def test_an_indexed_image_finds_its_own_captions_marked(
                     test.scores[row], test.caption_ids)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_an_oracle_store_refuses_images_outside_the_index(repo: Path, tiny_synthetic: Path, tmp_path: Path) -> None:
     index = _index(repo, "scan_t2i_avg")
     _, path = _test_image(tiny_synthetic)
@@ -287,6 +297,7 @@ def _save(folder: Path, block: dict, feature_dim: int, vocab: object) -> None:
     save_matcher(folder, matcher.state_dict(), card)
 
 
+@pytest.mark.slow
 def test_an_image_outside_the_index_goes_through_the_detector(
     repo: Path, detected: Path, tiny_synthetic: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -315,6 +326,7 @@ def test_an_image_outside_the_index_goes_through_the_detector(
         search_image(index, copy, options, detector)
 
 
+@pytest.mark.slow
 def test_a_pixel_matcher_prepares_an_outside_image_as_its_store(
     repo: Path, tiny_synthetic: Path, tmp_path: Path
 ) -> None:
@@ -325,8 +337,8 @@ def test_a_pixel_matcher_prepares_an_outside_image_as_its_store(
     block = {"kind": "mvam", "embed_dim": 32, "views": 4, "backbone": "open_clip", "clip_model": "itm-search-clip",
              "clip_config": str(config)}  # fmt: skip
     _save(tmp_path / "models" / "mvam_clip", block, 6, load_vocab(repo / "data/captions/vocab.json"))
-    index = open_index(tmp_path / "models" / "mvam_clip", repo / "data/regions", repo / "data/captions",
-                       repo / "data/raw/synthetic", "test", device=CPU, batch_size=16)  # fmt: skip
+    data = DataFolders(repo / "data/regions", repo / "data/captions", repo / "data/raw/synthetic")
+    index = open_index(tmp_path / "models" / "mvam_clip", data, "test", device=CPU, batch_size=16)
     assert index.matcher.pixels is not None
     image_id, path = _test_image(tiny_synthetic, 1)
     indexed = search_image(index, path, Options(top=5), tmp_path / "no-detector")
@@ -340,6 +352,7 @@ def test_a_pixel_matcher_prepares_an_outside_image_as_its_store(
 # --- the command ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_command_prints_a_table_and_writes_sheets(
     repo: Path, tiny_synthetic: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
@@ -369,6 +382,7 @@ def test_the_command_prints_a_table_and_writes_sheets(
             assert image.format == "PNG" and image.width >= 400 and image.height >= 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -399,6 +413,7 @@ def test_mistakes_are_one_line_and_exit_2(
     assert captured.out == ""
 
 
+@pytest.mark.slow
 def test_the_console_script(repo: Path, tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("itm")
     assert script.is_file(), f"{script}: the console script of pyproject's [project.scripts] is not installed"

@@ -10,16 +10,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from itm.config import MatcherParams, TrainParams, load_params
+from itm.data.batches import Captions, Regions
 from itm.data.concepts import Concepts
 from itm.data.loaders import pad_captions
 from itm.distributed import Context
 from itm.models import Matcher, MatcherInputs, build_matcher
-from itm.models.base import Captions, Regions
 from itm.tracking import NullTracker
 from itm.train.batch_norm import with_global_batch_norm
 from itm.train.batches import GlobalBatchSampler
 from itm.train.loop import fit
 from tests.processes import run_processes
+
+pytestmark = pytest.mark.slow  # several processes
 
 FEATURE_DIM, VOCAB, N_CONCEPTS, REGIONS = 12, 30, 6, 5
 N_PAIRS, GLOBAL_BATCH = 26, 8  # three global batches of 8 (two pairs left over, dropped)
@@ -81,7 +83,7 @@ def _train_one_epoch(context: Context, name: str, work: Path) -> dict[str, torch
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate)
 
     tracker = NullTracker()
-    fit(matcher, batches, lambda _: {"rsum": 0.0}, SETTINGS, work_dir=work / str(context.rank), run_id="r",
+    fit(matcher, batches, lambda _: {"rsum": 0.0}, SETTINGS, work_dir=work / str(context.rank), fingerprint="r",
         tracker=tracker, device=torch.device("cpu"), label=name, context=context)  # fmt: skip
     regions, captions = _collate([dataset[i] for i in range(N_PAIRS)])
     with torch.no_grad():

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itm.config import TrainParams
+from itm.data.batches import Captions, Regions
 from itm.errors import UserError
-from itm.models.base import Captions, Encoded, Matcher, Regions
+from itm.models.base import Encoded, Matcher
 from itm.tracking import NullTracker
 from itm.train import loop
 from itm.train.loop import fit, learning_rate
@@ -78,7 +79,7 @@ def _validate(matcher: Matcher) -> dict[str, float]:
 
 def _fit(matcher: Matcher, work: Path, tracker: NullTracker) -> loop.FitResult:
     return fit(
-        matcher, _batches, _validate, SETTINGS, work_dir=work, run_id="r1", tracker=tracker,
+        matcher, _batches, _validate, SETTINGS, work_dir=work, fingerprint="r1", tracker=tracker,
         device=torch.device("cpu"), label="toy",
     )  # fmt: skip
 

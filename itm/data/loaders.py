@@ -1,4 +1,4 @@
-"""Batches for matchers: captions paired with their image's bottom-up regions, padded, with masks."""
+"""Batches for matchers: captions paired with their image (regions or pixels), padded, with masks."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
+from itm.data.batches import Captions, Images, Tokenizer
 from itm.data.captions import captions_file, read_concept_labels
-from itm.data.pixels import ImageStore, PixelStore
-from itm.data.regions import RegionStore
+from itm.data.pixels import ImageStore
 from itm.errors import UserError
-from itm.models.base import Captions, Matcher, Pixels, Regions, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,12 @@ class CaptionTable:
             self.caption_ids[keep], self.image_ids[keep], pick(self.token_ids), pick(self.concept_ids),
             pick(self.texts),
         )  # fmt: skip
+
+    def of_first_images(self, n_images: int) -> CaptionTable:
+        """The captions of the first `n_images` distinct images (in order of first appearance), in file order."""
+        _, first_seen = np.unique(self.image_ids, return_index=True)
+        kept = np.sort(first_seen)[:n_images]
+        return self.select(np.isin(self.image_ids, self.image_ids[kept]))
 
     def with_concepts(self, concept_ids: list[list[int]]) -> CaptionTable:
         """The same captions with other concept labels (one list per caption)."""
@@ -96,8 +101,8 @@ def image_concepts(captions: CaptionTable) -> CaptionTable:
     return captions.with_concepts([sorted(per_image[image_id]) for image_id in captions.image_ids.tolist()])
 
 
-def with_regions(captions: CaptionTable, store: RegionStore, split: str) -> CaptionTable:
-    """The captions whose image has regions (images that failed extraction are left out, with a warning)."""
+def with_stored_images(captions: CaptionTable, store: ImageStore, split: str) -> CaptionTable:
+    """The captions whose image is in `store` (images that failed extraction are left out, with a warning)."""
     keep = np.array([int(image_id) in store for image_id in captions.image_ids], dtype=bool)
     if not keep.any():
         raise UserError(f"{split}: none of the captions' images is in the region store {store.folder}")
@@ -129,11 +134,11 @@ def pad_captions(
 PairItem = tuple[np.ndarray, list[int], list[int]]
 
 
-class CaptionRegionPairs(Dataset):
-    """Every caption with its image's regions (and its concept labels, when the table has them): the training items
-    (one per caption)."""
+class CaptionImagePairs(Dataset):
+    """Every caption with its image (regions or pixels) and its concept labels, when the table has them: the training
+    items (one per caption)."""
 
-    def __init__(self, captions: CaptionTable, store: RegionStore) -> None:
+    def __init__(self, captions: CaptionTable, store: ImageStore) -> None:
         self.captions = captions
         self.store = store
 
@@ -150,25 +155,10 @@ class PairCollator:
     """An aligned batch from dataset items: image i matches caption i, the images batched by their store's
     `collate` (padded regions, or stacked pixels); concept labels when `n_concepts` > 0."""
 
-    def __init__(self, collate_images: Callable[[Sequence[np.ndarray]], Regions | Pixels], n_concepts: int = 0) -> None:
+    def __init__(self, collate_images: Callable[[Sequence[np.ndarray]], Images], n_concepts: int = 0) -> None:
         self.collate_images = collate_images
         self.n_concepts = n_concepts
 
-    def __call__(self, items: list[PairItem]) -> tuple[Regions | Pixels, Captions]:
+    def __call__(self, items: list[PairItem]) -> tuple[Images, Captions]:
         features, tokens, concepts = zip(*items, strict=True)
         return self.collate_images(features), pad_captions(tokens, concepts, self.n_concepts)
-
-
-def image_store(matcher: Matcher, regions_dir: Path, dataset_dir: Path | None, split: str) -> ImageStore:
-    """Where `matcher` reads one split's images: the bottom-up region store, or (for a matcher that reads pixels)
-    the downloaded dataset's image files."""
-    if matcher.pixels is None:
-        return RegionStore(regions_dir / split)
-    if dataset_dir is None:
-        raise UserError("this matcher reads the images themselves: pass --dataset data/raw/<dataset>")
-    return PixelStore(dataset_dir, matcher.pixels)
-
-
-def captions_for(matcher: Matcher, captions: CaptionTable) -> CaptionTable:
-    """`captions` with the token ids `matcher` reads: the pipeline vocabulary's, or its own tokenizer's."""
-    return captions if matcher.tokenizer is None else captions.tokenized(matcher.tokenizer)

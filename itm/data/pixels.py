@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as transforms
 
+from itm.data.batches import Images, Pixels, PixelSpec
 from itm.data.records import read_dataset_json
 from itm.errors import UserError
-from itm.models.base import Pixels, PixelSpec, Regions
 
 
 class ImageStore(Protocol):
@@ -32,7 +32,7 @@ class ImageStore(Protocol):
 
     def features_of(self, image_id: int) -> np.ndarray: ...
 
-    def collate(self, arrays: Sequence[np.ndarray]) -> Regions | Pixels: ...
+    def collate(self, arrays: Sequence[np.ndarray]) -> Images: ...
 
 
 class PixelStore:

@@ -7,6 +7,7 @@ caption carries tokens from `itm.data.text.tokenize`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -96,3 +97,8 @@ def _checked_split(split: str, path: Path) -> Split:
     if split not in SPLITS:
         raise UserError(f"{path}: split {split!r} is not one of {', '.join(SPLITS)}")
     return split
+
+
+def file_md5(path: Path) -> str:
+    """The hex md5 of a file's bytes: identifies a dataset file in a fingerprint (not a security check)."""
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()

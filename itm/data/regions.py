@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from itm.data.batches import Regions
 from itm.errors import UserError
-from itm.models.base import Regions
 
 FEATURES_FILE = "features.npy"
 REGIONS_FILE = "regions.parquet"

@@ -16,7 +16,6 @@ batches. Throughput is the whole job's: every rank's images over the slowest ran
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -39,13 +38,11 @@ from itm.data.regions import Failure, ImageRegions, StoreWriter
 from itm.detect.images import UnreadableImageError, load_bgr
 from itm.detect.model import BottomUpDetector
 from itm.detect.selection import region_labels, select_regions
-from itm.distributed import Context, all_gather_cat, broadcast_object, shard_range
+from itm.device import autocast
+from itm.distributed import SINGLE_PROCESS, Context, all_gather_cat, broadcast_object, shard_range
 from itm.errors import UserError
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SINGLE_PROCESS = Context()  # extraction without torchrun, on the CPU
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,7 @@ class Extraction:
 
     selection: Selection
     batch_size: int = 4
-    precision: str = "fp32"  # a key of PRECISIONS
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast on any device)
     shard_size: int = 500  # images per resumable shard
     workers: int = 0  # image-decoding processes (of each rank)
 
@@ -97,12 +94,6 @@ def _as_list(batch: list) -> list:
 # --- one batch ------------------------------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
-
-
 def regions_of_batch(
     model: BottomUpDetector,
     images: list[torch.Tensor],
@@ -112,7 +103,7 @@ def regions_of_batch(
 ) -> list[ImageRegions]:
     """Selected regions of a batch of BGR images (already on the model's device)."""
     device = images[0].device
-    with _autocast(device, precision):
+    with autocast(precision, device):
         outputs = model.extract(images)
     regions = []
     for image_id, image, output in zip(image_ids, images, outputs, strict=True):
@@ -146,7 +137,7 @@ def regions_of_batch(
 def precision_agreement(model: BottomUpDetector, images: list[torch.Tensor], precision: str) -> dict[str, float]:
     """How close reduced precision comes to fp32 on the same proposals: mean/min feature cosine, label agreement."""
     reference = model.extract(images)
-    with _autocast(images[0].device, precision):
+    with autocast(precision, images[0].device):
         reduced = model.describe_boxes(images, [output.boxes for output in reference])
     cosines, agree = [], []
     for full, low in zip(reference, reduced, strict=True):
@@ -254,7 +245,7 @@ def _extract_shard(
 
 def _throughput(processed: int, elapsed: float, label: str, context: Context) -> dict[str, float]:
     """Images per second of the whole job on a split: every rank's images over the slowest rank's time (the same
-    figures on every rank); empty when no rank had anything to do."""
+    metrics on every rank); empty when no rank had anything to do."""
     per_rank = all_gather_cat(torch.tensor([[float(processed), elapsed]], dtype=torch.float64), context)
     images, slowest = int(per_rank[:, 0].sum()), float(per_rank[:, 1].max())
     if not images:
@@ -275,7 +266,7 @@ def extract_split(
     label: str,
     context: Context = SINGLE_PROCESS,
 ) -> dict[str, float]:
-    """Write this rank's share of the missing shards of `records` into `work_dir`; returns the throughput figures
+    """Write this rank's share of the missing shards of `records` into `work_dir`; returns the throughput metrics
     of this run over all ranks. Every rank must call it (it synchronises them)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     feature_dim = model.roi_heads.box_head.out_channels

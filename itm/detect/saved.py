@@ -1,7 +1,7 @@
 """A detector on disk: `model.pt` (state dict, frozen batch norm) and `card.json` describing it.
 
 The card records the architecture, the class and attribute names (without background / "no attribute"), where the
-weights came from, the sha256 of `model.pt`, and validation figures; `load_detector` rebuilds the model from it.
+weights came from, the sha256 of `model.pt`, and validation metrics; `load_detector` rebuilds the model from it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from itm.atomic import staged_file
+from itm.atomic import staged_file, write_json
 from itm.config import DetectorArchitecture
 from itm.detect.model import BottomUpDetector, build_detector
 from itm.errors import UserError
@@ -61,9 +61,7 @@ def save_detector(
 
 
 def write_card(folder: Path, card: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with staged_file(folder / CARD_FILE) as tmp:
-        tmp.write_text(json.dumps(card, indent=1))
+    write_json(folder / CARD_FILE, card)
 
 
 def read_card(folder: Path) -> dict[str, Any]:

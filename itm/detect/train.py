@@ -36,7 +36,7 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass(frozen=True)
 class Validation:
-    """Validation figures of a detector."""
+    """Validation metrics of a detector."""
 
     object_ap50: float  # mean over classes of box AP at IoU 0.5
     per_class_ap50: dict[str, float]

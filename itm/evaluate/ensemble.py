@@ -8,9 +8,15 @@ kuanghuei/SCAN PR#29 (`evaluation_ensemble.py`), Paranioar/SGRAF#17 and VSE∞ `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from itm.errors import UserError
+from itm.evaluate.protocols import protocol_metrics
+from itm.evaluate.score_file import SplitScores
 
 
 def average_scores(matrices: Sequence[Tensor]) -> Tensor:
@@ -28,3 +34,23 @@ def average_scores(matrices: Sequence[Tensor]) -> Tensor:
     for matrix in matrices:
         total += matrix.to(total.device, torch.float32)
     return total / len(matrices)
+
+
+def ensemble_scores(member_scores: Sequence[Path]) -> SplitScores:
+    """The mean of the members' test similarity matrices (saved by their evaluations), which must have scored the
+    same gallery."""
+    members = [SplitScores.load(path) for path in member_scores]
+    first = members[0]
+    for path, other in zip(member_scores[1:], members[1:], strict=True):
+        same_gallery = np.array_equal(other.image_ids, first.image_ids) and np.array_equal(
+            other.caption_ids, first.caption_ids
+        )
+        if not same_gallery:
+            raise UserError(f"{path}: scored another test gallery than {member_scores[0]}; re-run its evaluation")
+    averaged = average_scores([member.scores for member in members])
+    return SplitScores(averaged, first.image_ids, first.caption_ids, first.caption_image)
+
+
+def evaluate_ensemble(member_scores: Sequence[Path], dataset_kind: str) -> dict[str, float]:
+    """Protocol metrics of the mean of the members' test similarity matrices (`ensemble_scores`)."""
+    return protocol_metrics(ensemble_scores(member_scores), dataset_kind)

@@ -37,9 +37,9 @@ def recall_metrics(scores: Tensor, caption_image: Tensor, ks: Iterable[int] = RS
     ks = sorted(set(ks) | set(RSUM_KS))
     i2t_ranks, t2i_ranks = _ranks(scores, caption_image)
     i2t, t2i = _summarise(i2t_ranks, ks), _summarise(t2i_ranks, ks)
-    figures = {f"i2t_{key}": value for key, value in i2t.items()} | {f"t2i_{key}": value for key, value in t2i.items()}
-    figures["rsum"] = sum(figures[f"{side}_r{k}"] for side in ("i2t", "t2i") for k in RSUM_KS)
-    return figures
+    metrics = {f"i2t_{key}": value for key, value in i2t.items()} | {f"t2i_{key}": value for key, value in t2i.items()}
+    metrics["rsum"] = sum(metrics[f"{side}_r{k}"] for side in ("i2t", "t2i") for k in RSUM_KS)
+    return metrics
 
 
 def _check(scores: Tensor, caption_image: Tensor) -> Tensor:
@@ -93,16 +93,16 @@ def _ranks(scores: Tensor, caption_image: Tensor) -> tuple[Tensor, Tensor]:
 def _summarise(ranks: Tensor, ks: list[int]) -> dict[str, float]:
     """R@K in percent, medr and meanr (1-based) of 0-based ranks, with numpy's median (mean of the middle pair)."""
     n = len(ranks)
-    figures = {f"r{k}": 100.0 * int((ranks < k).sum()) / n for k in ks}
+    metrics = {f"r{k}": 100.0 * int((ranks < k).sum()) / n for k in ks}
     ordered = ranks.sort().values
     middle = (int(ordered[(n - 1) // 2]) + int(ordered[n // 2])) // 2  # floor(np.median(ranks))
-    figures["medr"] = float(middle + 1)
-    figures["meanr"] = float(ranks.double().mean()) + 1.0
-    return figures
+    metrics["medr"] = float(middle + 1)
+    metrics["meanr"] = float(ranks.double().mean()) + 1.0
+    return metrics
 
 
 def naive_recall_metrics(scores: Tensor, caption_image: Tensor, ks: Iterable[int] = RSUM_KS) -> dict[str, float]:
-    """The same figures by SCAN's per-query loops (`evaluation.i2t` / `t2i`), generalised from "captions
+    """The same metrics by SCAN's per-query loops (`evaluation.i2t` / `t2i`), generalised from "captions
     5i..5i+4 belong to image i" to `caption_image`; slow, the reference for tests.
 
     SCAN sorts with `np.argsort(d)[::-1]`; here the sort key is (score descending, ground truth last), which is
@@ -130,11 +130,11 @@ def naive_recall_metrics(scores: Tensor, caption_image: Tensor, ks: Iterable[int
         inds = np.lexsort((is_gt, -sims[:, index]))
         t2i[index] = np.where(inds == owner[index])[0][0]
 
-    figures = {}
+    metrics = {}
     for side, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
-            figures[f"{side}_r{k}"] = 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
-        figures[f"{side}_medr"] = float(np.floor(np.median(ranks)) + 1)
-        figures[f"{side}_meanr"] = float(ranks.mean() + 1)
-    figures["rsum"] = sum(figures[f"{side}_r{k}"] for side in ("i2t", "t2i") for k in RSUM_KS)
-    return figures
+            metrics[f"{side}_r{k}"] = 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
+        metrics[f"{side}_medr"] = float(np.floor(np.median(ranks)) + 1)
+        metrics[f"{side}_meanr"] = float(ranks.mean() + 1)
+    metrics["rsum"] = sum(metrics[f"{side}_r{k}"] for side in ("i2t", "t2i") for k in RSUM_KS)
+    return metrics

@@ -3,7 +3,7 @@
 Conventions of kuanghuei/SCAN `evaluation.evalrank`, followed by VSE∞ `eval.py` and CVSE (methods.md §1):
 - Flickr30K: the 1,000-image test split as one gallery (`split='test'`), here named `test`;
 - MS-COCO 1K: `split='testall', fold5=True`: five folds of 1,000 consecutive images of the 5,000-image test split
-  (`img_embs[i*5000:(i+1)*5000:5]`) with their captions, every figure (rSum included) averaged over the folds;
+  (`img_embs[i*5000:(i+1)*5000:5]`) with their captions, every metric (rSum included) averaged over the folds;
   here `test_5fold1k`;
 - MS-COCO 5K: `split='testall', fold5=False`: the whole 5,000-image split; here `test_5k`.
 The 1,000-image COCO `test` shortcut is one fold and reads higher (Paranioar/SGRAF#7, BruceW91/CVSE#15), so a COCO
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from itm.errors import UserError
 from itm.evaluate.metrics import recall_metrics
+from itm.evaluate.score_file import SplitScores
 
 COCO_TEST_IMAGES = 5000
 COCO_FOLD_IMAGES = 1000
@@ -61,7 +62,7 @@ def _is_all(indices: Tensor, n: int) -> bool:
 
 @dataclass(frozen=True)
 class Protocol:
-    """A named evaluation protocol: its figures are the mean over its folds of each figure of `recall_metrics`."""
+    """A named evaluation protocol: its metrics are the means over its folds of those of `recall_metrics`."""
 
     name: str
     folds: tuple[Fold, ...]
@@ -92,14 +93,22 @@ def protocols_for(dataset_kind: str, n_test_images: int) -> list[Protocol]:
 
 
 def evaluate_protocols(scores: Tensor, caption_image: Tensor, protocols: Sequence[Protocol]) -> dict[str, float]:
-    """`<protocol>/<metric>` for every protocol: each figure averaged over the protocol's folds (SCAN's
+    """`<protocol>/<metric>` for every protocol: each metric averaged over the protocol's folds (SCAN's
     `np.array(results).mean(axis=0)` over the five COCO folds, VSE∞ likewise).
 
     `scores` [n_img, n_cap] is the whole test split; `caption_image` [n_cap] gives each caption's image row.
     """
-    figures: dict[str, float] = {}
+    metrics: dict[str, float] = {}
     for protocol in protocols:
         per_fold = [recall_metrics(*fold.select(scores, caption_image)) for fold in protocol.folds]
         for key in per_fold[0]:
-            figures[f"{protocol.name}/{key}"] = sum(fold[key] for fold in per_fold) / len(per_fold)
-    return figures
+            metrics[f"{protocol.name}/{key}"] = sum(fold[key] for fold in per_fold) / len(per_fold)
+    return metrics
+
+
+def protocol_metrics(test: SplitScores, dataset_kind: str) -> dict[str, float]:
+    """The metrics of the dataset's test protocols, with the gallery's size."""
+    protocols = protocols_for(dataset_kind, len(test.image_ids))
+    metrics = evaluate_protocols(test.scores, test.caption_image, protocols)
+    metrics |= {"test/images": float(len(test.image_ids)), "test/captions": float(len(test.caption_ids))}
+    return metrics

@@ -29,12 +29,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from itm.data.batches import Captions, Images
 from itm.data.loaders import CaptionTable, pad_captions
 from itm.data.pixels import ImageStore
-from itm.device import autocast, check_precision
-from itm.distributed import Context, all_gather_cat, all_gather_padded, broadcast_object, shard_range
+from itm.device import autocast, check_precision, running_precision
+from itm.distributed import SINGLE_PROCESS, Context, all_gather_cat, all_gather_padded, broadcast_object, shard_range
 from itm.evaluate.completion import ConceptCompletion
-from itm.models.base import Captions, Encoded, Matcher, Pixels, Regions
+from itm.models.base import Encoded, Matcher
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,6 @@ class Scored:
 
 
 IMAGE_CHUNK, CAPTION_CHUNK = 256, 1024  # `score_split`'s blocks: images x captions scored by one `matcher.score`
-SINGLE_PROCESS = Context()
 CPU = torch.device("cpu")
 EXTRA = "extras/"  # prefix of an `Encoded.extras` tensor among the fields gathered from every rank
 
@@ -84,7 +84,7 @@ def encode_images(
     if missing:
         raise ValueError(f"{len(missing)} images are not in the region store {store.folder}, e.g. {missing[0]}")
 
-    def batch(index: int) -> Regions | Pixels:
+    def batch(index: int) -> Images:
         rows = image_ids[index * batch_size : (index + 1) * batch_size]
         return store.collate([store.features_of(image_id) for image_id in rows])
 
@@ -119,7 +119,7 @@ def encode_captions(
     encoded = _encode(matcher, matcher.encode_text, batch, n_batches, device, "captions", context or SINGLE_PROCESS)
     inverse = torch.empty(len(order), dtype=torch.int64)
     inverse[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))  # input row -> encoded row
-    return _take(encoded, inverse)
+    return encoded.take(inverse)
 
 
 def score_matrix(
@@ -135,12 +135,12 @@ def score_matrix(
 ) -> Scored:
     """Every image against every caption with `matcher.score`, in image_chunk × caption_chunk blocks.
 
-    Autocast to `precision` only on CUDA (`autocast`); the matrix comes back in float32 on the CPU. With several
-    processes (`context`), each rank scores a contiguous range of the caption chunks (whole [n_images, chunk]
-    strips) and every rank gets the whole matrix, the same as one process computes.
+    Autocast to `precision` only on CUDA (`running_precision`); the matrix comes back in float32 on the CPU. With
+    several processes (`context`), each rank scores a contiguous range of the caption chunks (whole
+    [n_images, chunk] strips) and every rank gets the whole matrix, the same as one process computes.
     """
     context = context or SINGLE_PROCESS
-    casting = autocast(precision, device)
+    casting = autocast(running_precision(precision, device), device)
     n_img, n_cap = len(images), len(captions)
     chunks = shard_range(_n_batches(n_cap, caption_chunk), context.rank, context.world_size)
     columns = range(min(chunks.start * caption_chunk, n_cap), min(chunks.stop * caption_chunk, n_cap))
@@ -151,9 +151,9 @@ def score_matrix(
         tqdm(total=n_blocks, desc="scoring", unit="block", mininterval=5, disable=not context.is_main) as bar,
     ):
         started = _start_clock(device, context)
-        gallery = _to(images, device) if columns else images  # the image side is cached on the device
+        gallery = images.to(device) if columns else images  # the image side is cached on the device
         for c in range(columns.start, columns.stop, caption_chunk):
-            queries = _to(captions.slice(c, c + caption_chunk), device)
+            queries = captions.slice(c, c + caption_chunk).to(device)
             strip = _score_strip(matcher, gallery, queries, image_chunk=image_chunk, casting=casting, bar=bar)
             mine[:, c - columns.start : c - columns.start + len(queries)] = strip
         matrix = _gather_columns(mine, context)
@@ -213,7 +213,7 @@ def score_split(
 
 
 def retrieval_timing(scored: Scored, n_queries: int | None = None) -> dict[str, float]:
-    """The retrieval cost figures of one matcher on one gallery (so UARDA's skipping compares with SCAN's).
+    """The retrieval cost metrics of one matcher on one gallery (so UARDA's skipping compares with SCAN's).
 
     `seconds_per_query` = scoring seconds / text→image queries (default: every caption of the matrix); also
     `score_seconds` and, when known, `encode_seconds` (the one-off cost of embedding both galleries).
@@ -221,12 +221,12 @@ def retrieval_timing(scored: Scored, n_queries: int | None = None) -> dict[str, 
     queries = scored.matrix.shape[1] if n_queries is None else n_queries
     if queries <= 0:
         raise ValueError(f"n_queries must be positive, got {queries}")
-    figures = {"seconds_per_query": scored.score_seconds / queries, "score_seconds": scored.score_seconds}
+    metrics = {"seconds_per_query": scored.score_seconds / queries, "score_seconds": scored.score_seconds}
     if scored.encode_seconds is not None:
-        figures["encode_seconds"] = scored.encode_seconds
+        metrics["encode_seconds"] = scored.encode_seconds
     if scored.completion_seconds is not None:
-        figures["completion_seconds"] = scored.completion_seconds
-    return figures
+        metrics["completion_seconds"] = scored.completion_seconds
+    return metrics
 
 
 # --- encoding -------------------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def retrieval_timing(scored: Scored, n_queries: int | None = None) -> dict[str, 
 def _encode(
     matcher: Matcher,
     encode: Callable[[Any], Encoded],
-    batch: Callable[[int], Regions | Pixels | Captions],
+    batch: Callable[[int], Images | Captions],
     n_batches: int,
     device: torch.device,
     label: str,
@@ -251,25 +251,15 @@ def _encode(
         started = _start_clock(device, context)
         bar = tqdm(mine, desc=f"encoding {label}", unit="batch", mininterval=5, disable=not context.is_main)
         for index in bar:
-            parts.append(_to(encode(batch(index).to(device)), CPU))
-        encoded = _gather_encoded(_concatenate(parts) if parts else None, context)
+            parts.append(encode(batch(index).to(device)).to(CPU))
+        encoded = _gather_encoded(Encoded.concatenate(parts) if parts else None, context)
         seconds = _stop_clock(started, device, context)
     return TimedEncoded(encoded.local, encoded.mask, encoded.pooled, encoded.extras, seconds=seconds)
 
 
-def _concatenate(parts: Sequence[Encoded]) -> Encoded:
-    """Stack batches along dim 0, padding dim 1 (fragments; and any extras whose dim 1 varies) to its maximum."""
-    return Encoded(
-        local=_cat_padded([part.local for part in parts]),  # [n, N_max, E], zeros on padding
-        mask=_cat_padded([part.mask for part in parts]),  # [n, N_max], False on padding
-        pooled=None if parts[0].pooled is None else torch.cat([part.pooled for part in parts]),
-        extras={key: _cat_padded([part.extras[key] for part in parts]) for key in parts[0].extras},
-    )
-
-
 def _gather_encoded(mine: Encoded | None, context: Context) -> Encoded:
     """Every rank's encoded items (`mine`: None when this rank had no batch) concatenated in rank order, with dim 1
-    zero-padded to the largest as `_concatenate` pads batches; the same on every rank.
+    zero-padded to the largest as `Encoded.concatenate` pads batches; the same on every rank.
 
     Ranks hold consecutive ranges of batches, so rank order is batch order. Each field travels as one padded tensor
     (not a pickled object: a caption gallery is gigabytes). A rank without batches sends empty tensors of the
@@ -300,40 +290,6 @@ def _fields(encoded: Encoded) -> dict[str, Tensor]:
     if encoded.pooled is not None:
         fields["pooled"] = encoded.pooled
     return fields | {EXTRA + key: value for key, value in encoded.extras.items()}
-
-
-def _cat_padded(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate along dim 0; when dim 1 differs between tensors, zero-pad (False for bool) it to the largest."""
-    if tensors[0].dim() < 2 or len({t.shape[1] for t in tensors}) == 1:
-        return torch.cat(list(tensors))
-    longest = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        out = t.new_zeros((t.shape[0], longest, *t.shape[2:]))
-        out[:, : t.shape[1]] = t
-        padded.append(out)
-    return torch.cat(padded)
-
-
-def _take(encoded: TimedEncoded, rows: Tensor) -> TimedEncoded:
-    """The items `rows` [n] of an encoded gallery, in that order."""
-    return TimedEncoded(
-        local=encoded.local[rows],
-        mask=encoded.mask[rows],
-        pooled=None if encoded.pooled is None else encoded.pooled[rows],
-        extras={key: value[rows] for key, value in encoded.extras.items()},
-        seconds=encoded.seconds,
-    )
-
-
-def _to(encoded: Encoded, device: torch.device) -> Encoded:
-    """`encoded` with every tensor on `device`."""
-    return Encoded(
-        encoded.local.to(device),
-        encoded.mask.to(device),
-        None if encoded.pooled is None else encoded.pooled.to(device),
-        {key: value.to(device) for key, value in encoded.extras.items()},
-    )
 
 
 # --- scoring --------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itm.data.regions import RegionStore
+from itm.data.splits import DataFolders
 from itm.figures.canvas import (
     COLORBAR,
     FONT,
@@ -34,12 +34,11 @@ from itm.figures.reading import (
     image_files,
     matcher_name,
     read_image,
-    read_test_captions,
     token_labels,
 )
 from itm.figures.selection import pick_rows, shown_tokens
-from itm.train.saved import load_matcher
-from itm.views import is_cross_attention, pair_attention
+from itm.models.saved import load_matcher
+from itm.pair_attention import is_cross_attention, pair_attention
 
 GAMMA = 0.5  # cross attention: colour and light ~ weight**GAMMA, so weak weights stay visible beside a peak
 
@@ -94,8 +93,9 @@ def attention_pairs(
     matcher, card = load_matcher(model_dir, CPU)
     if not is_cross_attention(matcher):
         raise ValueError(f"{model_dir}: a {card['kind']} matcher has no word-region cross attention to draw")
-    store = RegionStore(regions_dir / "test")
-    table = read_test_captions(matcher, captions_dir)
+    data = DataFolders(regions_dir, captions_dir, dataset_dir)
+    store = data.regions("test")
+    table = data.captions("test", matcher.reads, texts=True)
     files = image_files(dataset_dir)
     usable = np.array([int(image_id) in store for image_id in table.image_ids], dtype=bool)
     panels, direction, threshold = [], "t2i", None
@@ -106,7 +106,7 @@ def attention_pairs(
         attention = pair_attention(matcher, store.collate([store.features_of(image_id)]),
                                    caption_batch(matcher, table, row))  # fmt: skip
         direction, threshold = attention.direction, attention.threshold
-        labels = token_labels(matcher, card, captions_dir, table.token_ids[row])
+        labels = token_labels(matcher, card, data, table.token_ids[row])
         shown = shown_tokens(labels)
         panels.append(WordPanels(
             str(table.texts[row]), image_id, int(table.caption_ids[row]), image, boxes, [labels[j] for j in shown],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itm.data.loaders import image_store
+from itm.data.splits import DataFolders
 from itm.figures.canvas import (
     CMAP,
     COLORBAR,
@@ -35,12 +35,11 @@ from itm.figures.reading import (
     image_files,
     matcher_name,
     read_image,
-    read_test_captions,
     token_labels,
 )
 from itm.figures.selection import patch_grid, pick_rows, shown_tokens
-from itm.train.saved import load_matcher
-from itm.views import is_multi_view, pair_views
+from itm.models.saved import load_matcher
+from itm.pair_attention import is_multi_view, pair_views
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,9 @@ def view_panels(
     matcher, card = load_matcher(model_dir, CPU)
     if not is_multi_view(matcher):
         raise ValueError(f"{model_dir}: a {card['kind']} matcher has no views to draw")
-    store = image_store(matcher, regions_dir, dataset_dir, "test")
-    table = read_test_captions(matcher, captions_dir)
+    data = DataFolders(regions_dir, captions_dir, dataset_dir)
+    store = data.store("test", matcher.reads)
+    table = data.captions("test", matcher.reads, texts=True)
     usable = np.array([int(image_id) in store for image_id in table.image_ids], dtype=bool)
     row = int(pick_rows(len(table), 1, seed, usable)[0])
     image_id = int(table.image_ids[row])
@@ -94,7 +94,7 @@ def view_panels(
     else:
         image = _pixels_image(store.features_of(image_id), matcher.pixels.mean, matcher.pixels.std)
         boxes, (image_weights, class_weight) = None, patch_grid(image_attention)
-    labels = token_labels(matcher, card, captions_dir, table.token_ids[row])
+    labels = token_labels(matcher, card, data, table.token_ids[row])
     shown = shown_tokens(labels)
     caption_attention = views.caption_attention.numpy()  # [m, L]
     heading = (f"{matcher_name(model_dir, card)}: where each of its {len(image_attention)} views looks, for test "

@@ -1,6 +1,6 @@
-"""Reading the test items a figure shows: the dataset's image files and the images themselves, the test captions
-as a matcher reads them (a one-caption batch, a label per token), the region boxes scaled to an image's pixels,
-and a matcher's display name. Matchers are loaded on the CPU."""
+"""Reading the test items a figure shows: the dataset's image files and the images themselves, a test caption as a
+matcher reads it (a one-caption batch, a label per token), the region boxes scaled to an image's pixels, and a
+matcher's display name. Matchers are loaded on the CPU."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from itm.data.captions import VOCAB_FILE
-from itm.data.loaders import CaptionTable, captions_for, pad_captions, read_captions
+from itm.data.batches import Captions
+from itm.data.loaders import CaptionTable, pad_captions
 from itm.data.records import DATASET_JSON, IMAGES_DIR, read_dataset_json
 from itm.data.regions import RegionStore
-from itm.data.vocab import load_vocab
+from itm.data.splits import DataFolders
 from itm.errors import UserError
-from itm.models.base import Captions, Matcher
+from itm.models.base import Matcher
 
 CPU = torch.device("cpu")
 
@@ -41,21 +41,15 @@ def read_image(files: dict[int, Path], image_id: int) -> np.ndarray:
         raise UserError(f"{path}: cannot read the image ({error})") from None
 
 
-def read_test_captions(matcher: Matcher, captions_dir: Path) -> CaptionTable:
-    """The test captions with their text, as `matcher` reads them (its tokenizer's ids, its concept labels)."""
-    table = read_captions(captions_dir, "test", concepts=matcher.n_concepts > 0, texts=True)
-    return captions_for(matcher, table)
-
-
 def caption_batch(matcher: Matcher, table: CaptionTable, row: int) -> Captions:
     concepts = None if table.concept_ids is None else [table.concept_ids[row]]
     return pad_captions([table.token_ids[row]], concepts, matcher.n_concepts)
 
 
-def token_labels(matcher: Matcher, card: dict, captions_dir: Path, token_ids: Sequence[int]) -> list[str]:
+def token_labels(matcher: Matcher, card: dict, data: DataFolders, token_ids: Sequence[int]) -> list[str]:
     """One label per token id: the pipeline vocabulary's words, or the matcher's own (open_clip) tokens."""
     if matcher.tokenizer is None:
-        return load_vocab(captions_dir / VOCAB_FILE).decode(token_ids)
+        return data.vocab.decode(token_ids)
     import open_clip  # only a matcher with its own tokenizer (open_clip backbone) gets here
 
     tokenizer = open_clip.get_tokenizer(card["params"]["clip_model"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from itm.data.loaders import read_captions
 from itm.errors import UserError
-from itm.evaluate.run import SplitScores
+from itm.evaluate.score_file import SplitScores
 from itm.figures.canvas import FONT, MARGIN, PANEL, TITLE, Sheet, bare, frame, line_height, wrap_lines
 from itm.figures.reading import image_files, read_image
 from itm.figures.selection import Query, image_to_text_queries, text_to_image_queries

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from itm.evaluate.run import SplitScores
+from itm.evaluate.score_file import SplitScores
 
 SPECIAL_TOKENS = frozenset({"<pad>", "<start>", "<end>", "<start_of_text>", "<end_of_text>"})
 

@@ -7,74 +7,28 @@ size, E joint embedding size.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 from torch import Tensor, nn
 
 from itm import distributed
+from itm.data.batches import Captions, Images, PixelSpec, Tokenizer
+from itm.data.splits import Reads
 from itm.distributed import Context
-
-
-@dataclass(frozen=True)
-class Regions:
-    """A batch of images as bottom-up region features (padded to the batch's largest region count)."""
-
-    features: Tensor  # [B, R, D]
-    mask: Tensor  # [B, R] bool, True for real regions
-
-    def to(self, device: torch.device) -> Regions:
-        return Regions(self.features.to(device, non_blocking=True), self.mask.to(device, non_blocking=True))
-
-
-@dataclass(frozen=True)
-class Pixels:
-    """A batch of whole images as normalised pixels, for backbones that see the image itself (e.g. CLIP)."""
-
-    images: Tensor  # [B, 3, H, W] float
-
-    def to(self, device: torch.device) -> Pixels:
-        return Pixels(self.images.to(device, non_blocking=True))
-
-
-@dataclass(frozen=True)
-class PixelSpec:
-    """How a pixel-reading matcher wants its images: square `size`, per-channel `mean` and `std` after scaling to
-    [0, 1] (resize the shorter side, centre crop, normalise)."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-Tokenizer = Callable[[Sequence[str]], list[list[int]]]
-
-
-@dataclass(frozen=True)
-class Captions:
-    """A batch of token-id sequences (padded with id 0, framed by <start> and <end>), with multi-hot concept labels
-    for matchers that read them (`Matcher.n_concepts` > 0)."""
-
-    tokens: Tensor  # [B, L] int64
-    lengths: Tensor  # [B] int64, true lengths
-    concepts: Tensor | None = None  # [B, K] float32, 1 for each concept the caption (or its image) mentions
-
-    @property
-    def mask(self) -> Tensor:
-        """[B, L] bool, True for real tokens."""
-        positions = torch.arange(self.tokens.shape[1], device=self.tokens.device)
-        return positions[None, :] < self.lengths[:, None]
-
-    def to(self, device: torch.device) -> Captions:
-        concepts = None if self.concepts is None else self.concepts.to(device, non_blocking=True)
-        return Captions(self.tokens.to(device, non_blocking=True), self.lengths.to(device, non_blocking=True), concepts)
 
 
 @dataclass(frozen=True)
 class Encoded:
     """One modality in the joint space: its fragments (regions or words) and, where a matcher has one, a global
-    vector. Scorers read what they need; `extras` carries variant-specific tensors (e.g. concept scores)."""
+    vector. Scorers read what they need; `extras` carries variant-specific tensors (e.g. concept scores).
+
+    The helpers below index every tensor alike (dim 0 is the item); a subclass keeps its other fields, except in
+    `slice`.
+    """
 
     local: Tensor  # [B, N, E] fragments
     mask: Tensor  # [B, N] bool
@@ -84,24 +38,65 @@ class Encoded:
     def __len__(self) -> int:
         return int(self.local.shape[0])
 
-    def slice(self, start: int, stop: int) -> Encoded:
-        """Items start..stop-1 (for scoring a gallery in chunks)."""
-        return Encoded(
-            self.local[start:stop],
-            self.mask[start:stop],
-            None if self.pooled is None else self.pooled[start:stop],
-            {key: value[start:stop] for key, value in self.extras.items()},
+    def _map(self, each: Callable[[Tensor], Tensor]) -> Self:
+        return dataclasses.replace(
+            self,
+            local=each(self.local),
+            mask=each(self.mask),
+            pooled=None if self.pooled is None else each(self.pooled),
+            extras={key: each(value) for key, value in self.extras.items()},
         )
 
-    def gathered(self, context: Context) -> Encoded:
+    def take(self, rows: Tensor) -> Self:
+        """The items `rows` [n], in that order."""
+        return self._map(lambda tensor: tensor[rows])
+
+    def slice(self, start: int, stop: int) -> Encoded:
+        """Items start..stop-1 (for scoring a gallery in chunks), as a plain `Encoded`: what a subclass says of the
+        whole (e.g. its encoding time) does not hold for a part."""
+        part = self._map(lambda tensor: tensor[start:stop])
+        return Encoded(part.local, part.mask, part.pooled, part.extras)
+
+    def to(self, device: torch.device) -> Self:
+        """Every tensor on `device`."""
+        return self._map(lambda tensor: tensor.to(device))
+
+    def fragments(self) -> Encoded:
+        """The fragments alone (`local` and `mask`, what cross attention reads), without pooled vectors or extras."""
+        return Encoded(self.local, self.mask)
+
+    def trimmed(self, n: int) -> Self:
+        """The fragments 0..n-1 of every item (`local` and `mask` cut along dim 1; the rest as it is)."""
+        return dataclasses.replace(self, local=self.local[:, :n], mask=self.mask[:, :n])
+
+    def gathered(self, context: Context) -> Self:
         """The whole batch of every process (rank order), differentiable towards this process's own items;
         fragments padded to the longest over the processes."""
+        return self._map(lambda tensor: distributed.gather_with_grad(tensor, context))
+
+    @staticmethod
+    def concatenate(parts: Sequence[Encoded]) -> Encoded:
+        """Items of `parts` stacked along dim 0, dim 1 (fragments, and any extras whose dim 1 varies) zero-padded
+        (False for the mask) to the largest."""
         return Encoded(
-            distributed.gather_with_grad(self.local, context),
-            distributed.gather_with_grad(self.mask, context),
-            None if self.pooled is None else distributed.gather_with_grad(self.pooled, context),
-            {key: distributed.gather_with_grad(value, context) for key, value in self.extras.items()},
+            local=cat_padded([part.local for part in parts]),  # [n, N_max, E]
+            mask=cat_padded([part.mask for part in parts]),  # [n, N_max]
+            pooled=None if parts[0].pooled is None else torch.cat([part.pooled for part in parts]),
+            extras={key: cat_padded([part.extras[key] for part in parts]) for key in parts[0].extras},
         )
+
+
+def cat_padded(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate along dim 0; when dim 1 differs between tensors, zero-pad (False for bool) it to the largest."""
+    if tensors[0].dim() < 2 or len({t.shape[1] for t in tensors}) == 1:
+        return torch.cat(list(tensors))
+    longest = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        out = t.new_zeros((t.shape[0], longest, *t.shape[2:]))
+        out[:, : t.shape[1]] = t
+        padded.append(out)
+    return torch.cat(padded)
 
 
 class Matcher(nn.Module):
@@ -120,7 +115,7 @@ class Matcher(nn.Module):
     loaders attach them. `pixels` declares that the image encoder reads `Pixels` (prepared as the spec says)
     instead of bottom-up `Regions`; `tokenizer` that the text encoder reads its own token ids of the caption
     text instead of the pipeline vocabulary's. A loss may define `end_epoch() -> {name: value}`, called after each
-    training epoch (e.g. to re-weight its terms); what it returns is logged with the epoch's figures.
+    training epoch (e.g. to re-weight its terms); what it returns is logged with the epoch's metrics.
     """
 
     def __init__(
@@ -143,7 +138,12 @@ class Matcher(nn.Module):
         self.pixels = pixels
         self.tokenizer = tokenizer
 
-    def encode_image(self, images: Regions | Pixels) -> Encoded:
+    @property
+    def reads(self) -> Reads:
+        """What the matcher reads of a split (itm.data.splits): regions or pixels, which token ids, concepts."""
+        return Reads(pixels=self.pixels, tokenizer=self.tokenizer, n_concepts=self.n_concepts)
+
+    def encode_image(self, images: Images) -> Encoded:
         return self.image_encoder(images)
 
     def encode_text(self, captions: Captions) -> Encoded:
@@ -153,9 +153,7 @@ class Matcher(nn.Module):
         """[n_images, n_captions] similarity of every image with every caption."""
         return self.scorer(images, captions)
 
-    def forward(
-        self, image_batch: Regions | Pixels, captions: Captions, context: Context | None = None
-    ) -> dict[str, Tensor]:
+    def forward(self, images: Images, captions: Captions, context: Context | None = None) -> dict[str, Tensor]:
         """Training step on an aligned batch: the named loss terms, total under "loss".
 
         With several processes (`context`), each encodes its share of the global batch; the encodings are gathered
@@ -163,20 +161,21 @@ class Matcher(nn.Module):
         score rows are gathered, so every process computes the loss of the whole global batch: hardest negatives
         come from all of it. Averaged over the processes (DDP), the gradients equal one process's on that batch.
         """
-        images, texts = self.encode_image(image_batch), self.encode_text(captions)
+        encoded_images, encoded_captions = self.encode_image(images), self.encode_text(captions)
         if context is not None and context.distributed:
-            own = len(images)
-            images, texts = images.gathered(context), texts.gathered(context)
+            own = len(encoded_images)
+            encoded_images, encoded_captions = encoded_images.gathered(context), encoded_captions.gathered(context)
             start = context.rank * own
-            scores = distributed.gather_with_grad(self.score(images.slice(start, start + own), texts), context)
+            own_rows = self.score(encoded_images.slice(start, start + own), encoded_captions)
+            scores = distributed.gather_with_grad(own_rows, context)
         else:
-            scores = self.score(images, texts)
+            scores = self.score(encoded_images, encoded_captions)
         observe = getattr(self.scorer, "observe", None)
         if observe is not None and self.training:
-            observe(images, texts, scores.detach())
-        return self.loss(scores, images, texts)
+            observe(encoded_images, encoded_captions, scores.detach())
+        return self.loss(scores, encoded_images, encoded_captions)
 
     def end_epoch(self) -> dict[str, float]:
-        """Tell the loss an epoch of training is over; the figures it reports (none for most losses)."""
+        """Tell the loss an epoch of training is over; the metrics it reports (none for most losses)."""
         hook = getattr(self.loss, "end_epoch", None)
         return hook() if hook is not None else {}

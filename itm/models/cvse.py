@@ -14,7 +14,8 @@ Where this differs from CVSE's code, on purpose:
 - CVSE averages word vectors over the padded length for the textual memory and softmaxes over padding; here both
   are masked;
 - the `concat` and `adap_sum` fusions work (itm.models.consensus.Fusion);
-- the GCN's inputs are fixed random vectors unless `glove_path` names a GloVe file (CVSE ships GloVe vectors);
+- the GCN's inputs are fixed random vectors unless `glove_path` names a GloVe file (CVSE ships GloVe vectors),
+  read by the caller (`itm.models.registry.inputs_for_training`);
   word embeddings start random as in SCAN (CVSE loads GloVe for them too);
 - one learning rate for every part (CVSE decays the GCN's by 0.2 instead of 0.1 at its step).
 
@@ -37,18 +38,18 @@ MH-CVSE's full text was not available (methods.md §2.5: abstract and a review o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itm.config import CvseParams, MhCvseParams
+from itm.data.batches import Captions, Regions
 from itm.data.concepts import Concepts
-from itm.data.glove import read_word_vectors
 from itm.errors import UserError
-from itm.models.base import Captions, Encoded, Matcher, Regions
+from itm.models.base import Encoded, Matcher
 from itm.models.consensus import (
     ConceptGCN,
     ConceptPredictor,
@@ -264,20 +265,19 @@ def dwa_factors(last: Tensor, previous: Tensor, temperature: float) -> Tensor:
 # --- builders --------------------------------------------------------------------------------------------------------
 
 
-def concept_inputs(concepts: Concepts, dim: int, glove_path: str | None, *, read_pretrained: bool) -> Tensor:
-    """[K, dim] GCN inputs: GloVe vectors where the file has the concept (when `glove_path` is set and
-    `read_pretrained`), fixed random N(0, 1) vectors otherwise."""
+def concept_inputs(concepts: Concepts, dim: int, word_vectors: Mapping[str, np.ndarray]) -> Tensor:
+    """[K, dim] GCN inputs: the pretrained (GloVe) vector of each concept in `word_vectors`, a fixed random
+    N(0, 1) vector for the others (all of them when there are no word vectors)."""
     generator = torch.Generator().manual_seed(CONCEPT_INPUT_SEED)
     inputs = torch.randn(len(concepts), dim, generator=generator)
-    if glove_path is not None and read_pretrained:
-        vectors = read_word_vectors(Path(glove_path), concepts.words, dim)
-        for row, word in enumerate(concepts.words):
-            if word in vectors:
-                inputs[row] = torch.from_numpy(vectors[word])
-        missing = len(concepts) - len(vectors)
-        if missing:
-            log.warning("%s: %d of %d concepts have no vector; they keep random inputs", glove_path, missing,
-                        len(concepts))  # fmt: skip
+    if not word_vectors:
+        return inputs
+    for row, word in enumerate(concepts.words):
+        if word in word_vectors:
+            inputs[row] = torch.from_numpy(np.asarray(word_vectors[word], dtype=np.float32))
+    missing = sum(word not in word_vectors for word in concepts.words)
+    if missing:
+        log.warning("%d of %d concepts have no pretrained vector; they keep random inputs", missing, len(concepts))
     return inputs
 
 
@@ -293,9 +293,7 @@ def _build(params: CvseParams, inputs: MatcherInputs, attention: Callable[[bool]
         rescale_shift=params.graph_rescale_shift,
         reweight=params.graph_reweight,
     )
-    graph_inputs = concept_inputs(
-        concepts, params.concept_input_dim, params.glove_path, read_pretrained=inputs.read_pretrained
-    )
+    graph_inputs = concept_inputs(concepts, params.concept_input_dim, inputs.word_vectors)
     graph = ConceptGCN(adjacency, graph_inputs, params.embed_dim)  # shared by both modalities
     alpha_test = params.fusion_alpha if params.fusion_alpha_test is None else params.fusion_alpha_test
 

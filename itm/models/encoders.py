@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from itm.models.base import Captions, Encoded, Regions
+from itm.data.batches import Captions, Regions
+from itm.models.base import Encoded
 
 EPS = 1e-8  # SCAN's eps in l2norm and cosine_similarity
 

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itm.config import MvamParams
+from itm.data.batches import Captions, Pixels, PixelSpec, Regions, Tokenizer
 from itm.errors import UserError
-from itm.models.base import Captions, Encoded, Matcher, Pixels, PixelSpec, Regions, Tokenizer
+from itm.models.base import Encoded, Matcher
 from itm.models.encoders import RegionEncoder, TextEncoder, l2norm
 from itm.models.losses import ContrastiveLoss
 from itm.models.registry import MatcherInputs, register_matcher

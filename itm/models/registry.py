@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from itm.data.concepts import Concepts
+from itm.data.glove import read_word_vectors
 from itm.models.base import Matcher
 
 
 @dataclass(frozen=True)
 class MatcherInputs:
-    """What a builder needs besides its params block: the data's sizes and, for concept-aware matchers, the concept
-    vocabulary with its train co-occurrence counts.
+    """What a builder needs besides its params block: the data's sizes, for concept-aware matchers the concept
+    vocabulary with its train co-occurrence counts, and pretrained word vectors. Builders read no files: the
+    caller reads what the params name (`inputs_for_training`).
 
-    `read_pretrained` is True when building a matcher to train (read pretrained inputs such as a GloVe file) and
-    False when rebuilding a saved one, whose stored weights and buffers replace whatever the builder initialises.
+    `read_pretrained` is True when building a matcher to train (an open_clip backbone loads its `clip_checkpoint`)
+    and False when rebuilding a saved one, whose stored weights and buffers replace whatever the builder initialises.
     """
 
     feature_dim: int
     vocab_size: int
     concepts: Concepts | None = None
+    word_vectors: Mapping[str, np.ndarray] = field(default_factory=dict)  # word -> pretrained vector (GloVe)
     read_pretrained: bool = True
+
+
+def inputs_for_training(params: Any, feature_dim: int, vocab_size: int, concepts: Concepts) -> MatcherInputs:
+    """The inputs of a matcher to train: with the concept words' vectors from the GloVe file its params name
+    (`glove_path`, `concept_input_dim`-d vectors), when they name one."""
+    glove_path = getattr(params, "glove_path", None)
+    vectors = (
+        {} if glove_path is None else read_word_vectors(Path(glove_path), concepts.words, params.concept_input_dim)
+    )
+    return MatcherInputs(feature_dim, vocab_size, concepts, vectors)
 
 
 Builder = Callable[[Any, MatcherInputs], Matcher]

@@ -35,6 +35,7 @@ over captions as in kuanghuei/SCAN, attended vectors materialised): the ground t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Literal
 
@@ -148,8 +149,8 @@ def _chunked(
 ) -> Tensor:
     """Apply `block` to image chunk × caption chunk pieces whose [ki, R, ci, L] size stays within `max_elements`
     (at least one pair per piece), captions sorted by length and trimmed to each chunk's longest."""
-    images = _trim(images, int(_extents(images.mask).max()))  # drop region slots no image uses
-    images, captions = _autocast_dtype(images), _autocast_dtype(captions)
+    images, captions = _autocast_dtype(images.fragments()), _autocast_dtype(captions.fragments())
+    images = images.trimmed(int(_extents(images.mask).max()))  # drop region slots no image uses
     n_img, n_regions = images.local.shape[:2]
     extents = _extents(captions.mask)  # [n_cap] last real word + 1
     order = torch.argsort(extents, descending=True, stable=True)
@@ -161,7 +162,7 @@ def _chunked(
         image_step = min(n_img, pairs)
         caption_step = max(1, min(pairs // image_step, LENGTH_GROUP))
         rows = order[start : start + caption_step]
-        chunk = _trim(Encoded(captions.local[rows], captions.mask[rows]), n_words)
+        chunk = captions.take(rows).trimmed(n_words)
         pieces = [block(images.slice(i, i + image_step), chunk) for i in range(0, n_img, image_step)]
         columns.append(torch.cat(pieces, dim=0))  # [n_img, ci]
         start += caption_step
@@ -173,18 +174,13 @@ def _autocast_dtype(encoded: Encoded) -> Encoded:
     device = encoded.local.device.type
     if not torch.is_autocast_enabled(device):
         return encoded
-    return Encoded(encoded.local.to(torch.get_autocast_dtype(device)), encoded.mask)
+    return dataclasses.replace(encoded, local=encoded.local.to(torch.get_autocast_dtype(device)))
 
 
 def _extents(mask: Tensor) -> Tensor:
     """[B] index of the last True position + 1 (0 for none) of a [B, N] mask."""
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
     return (mask * positions).amax(dim=1)
-
-
-def _trim(encoded: Encoded, n: int) -> Encoded:
-    """The fragments 0..n-1 only (pooled vectors and extras are not used by cross attention)."""
-    return Encoded(encoded.local[:, :n], encoded.mask[:, :n])
 
 
 # --- fast path ------------------------------------------------------------------------------------------------------

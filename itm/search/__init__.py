@@ -34,8 +34,6 @@ from itm.search.shortlist import (
     pooled_scores,
     scorer_direction,
     shortlist_rank,
-    take,
-    to_device,
 )
 
 __all__ = [
@@ -64,8 +62,6 @@ __all__ = [
     "search_image",
     "search_text",
     "shortlist_rank",
-    "take",
     "text_query",
-    "to_device",
     "write_sheet",
 ]

@@ -24,8 +24,6 @@ from itm.search.shortlist import (
     ShortlistBy,
     cheap_scores,
     shortlist_rank,
-    take,
-    to_device,
 )
 
 log = logging.getLogger(__package__)  # "itm.search", the logger name the log lines always had
@@ -74,7 +72,7 @@ class Options:
 def search_text(index: SearchIndex, text: str, options: Options) -> SearchResult:
     """The split's best images for `text`."""
     query = text_query(index, text)
-    gallery = to_device(index.gallery_images(), index.device)
+    gallery = index.gallery_images().to(index.device)
     started = time.perf_counter()
     with torch.no_grad():
         cheap = None
@@ -82,7 +80,7 @@ def search_text(index: SearchIndex, text: str, options: Options) -> SearchResult
             cheap = cheap_scores(index.matcher, gallery, query, options.shortlist_by, "text")[:, 0]  # [n_images]
 
         def score_rows(rows: Tensor) -> Tensor:
-            return index.matcher.score(take(gallery, rows.to(index.device)), query)[:, 0]  # [m]
+            return index.matcher.score(gallery.take(rows.to(index.device)), query)[:, 0]  # [m]
 
         rows, scores = _rank(index, cheap, score_rows, len(gallery), options)
     seconds = time.perf_counter() - started
@@ -96,7 +94,7 @@ def search_text(index: SearchIndex, text: str, options: Options) -> SearchResult
 def search_image(index: SearchIndex, path: Path, options: Options, detector_dir: Path) -> SearchResult:
     """The split's best captions for the image at `path`; captions of that image (when indexed) are marked."""
     query = image_query(index, path, detector_dir)
-    gallery = to_device(index.gallery_captions(), index.device)
+    gallery = index.gallery_captions().to(index.device)
     started = time.perf_counter()
     with torch.no_grad():
         cheap = None
@@ -104,7 +102,7 @@ def search_image(index: SearchIndex, path: Path, options: Options, detector_dir:
             cheap = cheap_scores(index.matcher, query.encoded, gallery, options.shortlist_by, "image")[0]  # [n_cap]
 
         def score_rows(rows: Tensor) -> Tensor:
-            return index.matcher.score(query.encoded, take(gallery, rows.to(index.device)))[0]  # [m]
+            return index.matcher.score(query.encoded, gallery.take(rows.to(index.device)))[0]  # [m]
 
         rows, scores = _rank(index, cheap, score_rows, len(gallery), options)
     seconds = time.perf_counter() - started

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
-from itm.data.captions import VOCAB_FILE, read_concepts
-from itm.data.loaders import CaptionTable, captions_for, image_store, read_captions, with_regions
+from itm.data.loaders import CaptionTable
 from itm.data.pixels import ImageStore
 from itm.data.records import IMAGES_DIR, read_dataset_json
-from itm.data.vocab import Vocab, load_vocab
+from itm.data.splits import DataFolders
+from itm.data.vocab import Vocab
 from itm.errors import UserError
 from itm.evaluate.scoring import encode_captions, encode_images
 from itm.models.base import Encoded, Matcher
-from itm.train.saved import CARD_FILE, MODEL_FILE, load_matcher
-from itm.views import is_cross_attention
+from itm.models.saved import CARD_FILE, MODEL_FILE, load_matcher
+from itm.pair_attention import is_cross_attention
 
 
 @dataclass
@@ -63,37 +63,29 @@ class SearchIndex:
 
 
 def open_index(
-    model_dir: Path,
-    regions_dir: Path,
-    captions_dir: Path,
-    dataset_dir: Path,
-    split: str,
-    *,
-    device: torch.device,
-    batch_size: int = 128,
+    model_dir: Path, data: DataFolders, split: str, *, device: torch.device, batch_size: int = 128
 ) -> SearchIndex:
-    """The matcher of `model_dir` and the split it searches, loaded as `evaluate_matcher` loads them."""
+    """The matcher of `model_dir` and the split it searches, loaded as `evaluate_matcher` loads them
+    (`data.dataset_dir` is required: the search shows the image files)."""
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such model folder{_known_models(model_dir.parent)}")
-    vocab = load_vocab(captions_dir / VOCAB_FILE)
-    concepts = read_concepts(captions_dir)
-    matcher, card = load_matcher(model_dir, device, vocab_digest=vocab.digest(), concepts_digest=concepts.digest())
-    store = image_store(matcher, regions_dir, dataset_dir, split)
-    captions = read_captions(captions_dir, split, concepts=matcher.n_concepts > 0, texts=True)
-    captions = captions_for(matcher, with_regions(captions, store, split))
-    records = read_dataset_json(dataset_dir / "dataset.json")
-    files = {r.imgid: dataset_dir / IMAGES_DIR / r.filename for r in records if r.split == split}
+    if data.dataset_dir is None:
+        raise ValueError("the search index needs the dataset folder (data/raw/<dataset>)")
+    matcher, card = load_matcher(model_dir, device, data)
+    searched = data.split(split, matcher.reads, texts=True)
+    records = read_dataset_json(data.dataset_dir / "dataset.json")
+    files = {r.imgid: data.dataset_dir / IMAGES_DIR / r.filename for r in records if r.split == split}
     return SearchIndex(
         name=card.get("name", model_dir.name),
         matcher=matcher,
         device=device,
         split=split,
-        store=store,
-        captions=captions,
-        image_ids=list(dict.fromkeys(int(i) for i in captions.image_ids)),
+        store=searched.store,
+        captions=searched.captions,
+        image_ids=list(dict.fromkeys(int(i) for i in searched.captions.image_ids)),
         files=files,
-        vocab=vocab,
-        concept_words=concepts.words,
+        vocab=data.vocab,
+        concept_words=data.concepts.words,
         batch_size=batch_size,
     )
 

@@ -1,5 +1,5 @@
 """The shortlist of a cross-attention search: the cheap scores that rank the whole gallery, and the ranking that
-re-scores only the best of them with the full score (plus the small `Encoded` helpers it needs).
+re-scores only the best of them with the full score.
 
 Cross-attention matchers (SCAN, UARDA) score a pair by attending every word over every region; a search first ranks
 the whole gallery with a cheap score computed from the same fragment embeddings and re-ranks only a shortlist with
@@ -135,22 +135,3 @@ def shortlist_rank(
     scores = score_rows(rows).float().cpu()  # [m]
     order = torch.sort(scores, descending=True, stable=True).indices[:top]
     return rows[order], scores[order]
-
-
-def take(encoded: Encoded, rows: Tensor) -> Encoded:
-    """The items `rows` [m] of an encoded gallery, in that order."""
-    return Encoded(
-        encoded.local[rows],
-        encoded.mask[rows],
-        None if encoded.pooled is None else encoded.pooled[rows],
-        {key: value[rows] for key, value in encoded.extras.items()},
-    )
-
-
-def to_device(encoded: Encoded, device: torch.device) -> Encoded:
-    return Encoded(
-        encoded.local.to(device),
-        encoded.mask.to(device),
-        None if encoded.pooled is None else encoded.pooled.to(device),
-        {key: value.to(device) for key, value in encoded.extras.items()},
-    )

@@ -5,10 +5,10 @@ whole global batch (`Matcher.forward` with the context), DDP averages the gradie
 checkpoints and logs. Validation runs on every process (the scoring is split over them) so that all of them keep
 the same best weights.
 
-After every epoch the loop validates (the caller's function returns validation figures with "rsum"), keeps the best
+After every epoch the loop validates (the caller's function returns validation metrics with "rsum"), keeps the best
 weights by validation rSum (SCAN's model selection), and writes a checkpoint atomically. A run that finds a
-checkpoint of the same run id resumes after its last finished epoch and ends exactly where an uninterrupted run
-would (same weights, same best epoch) on CPU.
+checkpoint of the same training run (same fingerprint) resumes after its last finished epoch and ends exactly where
+an uninterrupted run would (same weights, same best epoch) on CPU.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from itm.atomic import staged_file
 from itm.config import TrainParams
-from itm.device import autocast
+from itm.data.batches import Captions, Images
+from itm.device import autocast, running_precision
 from itm.distributed import Context
 from itm.errors import UserError
-from itm.models.base import Captions, Matcher, Regions
+from itm.models.base import Matcher
 from itm.tracking import Tracker
 from itm.train.batch_norm import with_global_batch_norm
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 
-Batches = Callable[[int], Iterable[tuple[Regions, Captions]]]  # epoch -> this process's batches of the epoch
+Batches = Callable[[int], Iterable[tuple[Images, Captions]]]  # epoch -> this process's batches of the epoch
 Validate = Callable[[Matcher], dict[str, float]]
 
 
@@ -69,18 +70,19 @@ def fit(
     settings: TrainParams,
     *,
     work_dir: Path,
-    run_id: str,
+    fingerprint: str,
     tracker: Tracker,
     device: torch.device,
     label: str,
     context: Context | None = None,
 ) -> FitResult:
-    """Train `matcher` (already on `device`) for `settings.epochs`, resuming from `work_dir` when possible."""
+    """Train `matcher` (already on `device`) for `settings.epochs`, resuming from the checkpoint in `work_dir` when it
+    has the same `fingerprint` (what identifies the training run)."""
     context = context or Context(device=device)
     optimizer = torch.optim.Adam(matcher.parameters(), lr=settings.learning_rate)
-    precision = settings.precision if device.type == "cuda" else "fp32"  # the CPU trains in fp32
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # bf16 has fp32's range: no loss scaling
-    state = _resume(work_dir / CHECKPOINT, run_id, matcher, optimizer, scaler)
+    precision = running_precision(settings.precision, device)
+    scaler = gradient_scaler(precision, device)
+    state = _resume(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler)
     result = state or FitResult(copy.deepcopy(matcher.state_dict()), 0, {"rsum": -math.inf})
     model: Matcher | DistributedDataParallel = matcher
     if context.distributed:  # every process starts from rank 0's weights: DDP broadcasts them when it wraps
@@ -89,63 +91,76 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, epoch)
         started = time.perf_counter()
-        step = _Step(model, optimizer, scaler, settings, device, precision, context)
-        train_figures = _train_one_epoch(step, batches(epoch), epoch, settings.epochs, label)
-        train_figures |= {f"train/{key}": value for key, value in matcher.end_epoch().items()}
+        step = TrainingStep(model, optimizer, scaler, settings.grad_clip, device, precision, context)
+        train_metrics = _train_one_epoch(step, batches(epoch), epoch, settings.epochs, label)
+        train_metrics |= {f"train/{key}": value for key, value in matcher.end_epoch().items()}
         matcher.eval()
-        val_figures = validate(matcher)
-        figures = train_figures | {f"val/{key}": value for key, value in val_figures.items()}
-        figures["train/epoch_seconds"] = time.perf_counter() - started  # training and validation
-        result.history.append(figures)
-        tracker.log_metrics(figures, step=epoch + 1)
-        if val_figures["rsum"] > result.best_metrics["rsum"]:
+        val_metrics = validate(matcher)
+        metrics = train_metrics | {f"val/{key}": value for key, value in val_metrics.items()}
+        metrics["train/epoch_seconds"] = time.perf_counter() - started  # training and validation
+        result.history.append(metrics)
+        tracker.log_metrics(metrics, step=epoch + 1)
+        if val_metrics["rsum"] > result.best_metrics["rsum"]:
             result.best_state = copy.deepcopy(matcher.state_dict())
-            result.best_epoch, result.best_metrics = epoch + 1, val_figures
+            result.best_epoch, result.best_metrics = epoch + 1, val_metrics
         log.info("%s epoch %d/%d: val rsum %.2f (best %.2f at epoch %d)", label, epoch + 1, settings.epochs,
-                 val_figures["rsum"], result.best_metrics["rsum"], result.best_epoch)  # fmt: skip
+                 val_metrics["rsum"], result.best_metrics["rsum"], result.best_epoch)  # fmt: skip
         if context.is_main:
-            _save(work_dir / CHECKPOINT, run_id, matcher, optimizer, scaler, result)
+            _save(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler, result)
         context.barrier()  # a checkpoint is complete before any process can stop
     return result
 
 
+def gradient_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (bf16 has fp32's range and needs none; fp32 neither)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 @dataclass(frozen=True)
-class _Step:
+class Stepped:
+    """What one optimisation step computed."""
+
+    losses: dict[str, Tensor]  # the named loss terms, total under "loss"
+    grad_norm: Tensor | None  # the gradient norm before clipping; None when the loss was not finite (no step taken)
+
+
+@dataclass(frozen=True)
+class TrainingStep:
     """One optimisation step: forward under autocast, backward (scaled for fp16), clipping, Adam."""
 
-    model: Matcher | DistributedDataParallel
+    model: nn.Module  # the matcher, or its DDP (or compiled) wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    settings: TrainParams
+    grad_clip: float  # the largest gradient norm
     device: torch.device
-    precision: str  # autocast on a GPU only
+    precision: str  # the autocast precision (`running_precision`: fp32 on a CPU in training)
     context: Context
 
-    def __call__(self, regions: Regions, captions: Captions) -> dict[str, Tensor]:
-        regions, captions = regions.to(self.device), captions.to(self.device)
+    def __call__(self, images: Images, captions: Captions) -> Stepped:
+        images, captions = images.to(self.device), captions.to(self.device)
         with autocast(self.precision, self.device):
-            losses = self.model(regions, captions, self.context)
+            losses = self.model(images, captions, self.context)
         if not torch.isfinite(losses["loss"]):  # the loss of the global batch: every process stops alike
-            return losses
+            return Stepped(losses, None)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return losses
+        return Stepped(losses, grad_norm)
 
 
 def _train_one_epoch(
-    step: _Step, batches: Iterable[tuple[Regions, Captions]], epoch: int, epochs: int, label: str
+    step: TrainingStep, batches: Iterable[tuple[Images, Captions]], epoch: int, epochs: int, label: str
 ) -> dict[str, float]:
     step.model.train()
     sums: dict[str, float] = defaultdict(float)
     seen, started = 0, time.perf_counter()
     bar = tqdm(batches, desc=f"{label} epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5,
                disable=not step.context.is_main)  # fmt: skip
-    for iteration, (regions, captions) in enumerate(bar):
-        losses = step(regions, captions)
+    for iteration, (images, captions) in enumerate(bar):
+        losses = step(images, captions).losses
         loss = losses["loss"]
         if not torch.isfinite(loss):
             last = f"{sums['loss'] / seen:.4g}" if seen else "none"
@@ -153,29 +168,29 @@ def _train_one_epoch(
                 f"{label}: the loss became {loss.item()} in epoch {epoch + 1}, batch {iteration + 1} (mean so far "
                 f"{last}); lower train.learning_rate or train.grad_clip"
             )
-        batch = len(captions.lengths) * step.context.world_size  # the global batch, whose loss this is
+        batch = len(captions) * step.context.world_size  # the global batch, whose loss this is
         for key, value in losses.items():
             sums[key] += float(value.detach()) * batch
         seen += batch
         rate = seen / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", captions_per_s=f"{rate:.0f}", refresh=False)
     elapsed = time.perf_counter() - started
-    figures = {f"train/{key}": value / seen for key, value in sums.items()}
+    metrics = {f"train/{key}": value / seen for key, value in sums.items()}
     rate_now = step.optimizer.param_groups[0]["lr"]
-    figures |= {"train/captions_per_second": seen / elapsed, "train/learning_rate": rate_now}
-    return figures
+    metrics |= {"train/captions_per_second": seen / elapsed, "train/learning_rate": rate_now}
+    return metrics
 
 
 def _save(
     path: Path,
-    run_id: str,
+    fingerprint: str,
     matcher: Matcher,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     result: FitResult,
 ) -> None:
     state: dict[str, Any] = {
-        "run_id": run_id,
+        "fingerprint": fingerprint,
         "model": matcher.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -192,12 +207,12 @@ def _save(
 
 
 def _resume(
-    path: Path, run_id: str, matcher: Matcher, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    path: Path, fingerprint: str, matcher: Matcher, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> FitResult | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("run_id") != run_id:
+    if state.get("fingerprint") != fingerprint:
         log.info("%s belongs to another training run; starting afresh", path)
         return None
     matcher.load_state_dict(state["model"])

@@ -1,14 +1,13 @@
 """A trained matcher on disk: `models/<matcher>/model.pt` rebuilds itself from what it stores.
 
 The file holds the best weights, the resolved params block (with its `kind`), the region feature size, the
-vocabulary size and digest, the git revision and the validation figures, and for a concept-aware matcher the concept
+vocabulary size and digest, the git revision and the validation metrics, and for a concept-aware matcher the concept
 vocabulary with its co-occurrence counts; `card.json` beside it repeats everything but the weights and the concepts,
 plus the MLflow run id.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,13 @@ import numpy as np
 import torch
 from pydantic import TypeAdapter
 
-from itm.atomic import staged_file
+from itm.atomic import staged_file, write_json
 from itm.config import MatcherParams
 from itm.data.concepts import Concepts
+from itm.data.splits import DataFolders
 from itm.errors import UserError
-from itm.models import Matcher, MatcherInputs, build_matcher
+from itm.models.base import Matcher
+from itm.models.registry import MatcherInputs, build_matcher
 
 MODEL_FILE = "model.pt"
 CARD_FILE = "card.json"
@@ -41,15 +42,14 @@ def save_matcher(
         }
     with staged_file(folder / MODEL_FILE) as tmp:
         torch.save(saved, tmp)
-    with staged_file(folder / CARD_FILE) as tmp:
-        tmp.write_text(json.dumps(card, indent=1))
+    write_json(folder / CARD_FILE, card)
 
 
-def load_matcher(
-    folder: Path, device: torch.device, *, vocab_digest: str | None = None, concepts_digest: str | None = None
-) -> tuple[Matcher, dict]:
-    """The saved matcher in eval mode, and its card; refuses a model trained on another vocabulary or (when
-    `concepts_digest` is given and the model uses concepts) another concept vocabulary."""
+def load_matcher(folder: Path, device: torch.device, data: DataFolders | None = None) -> tuple[Matcher, dict]:
+    """The saved matcher in eval mode, and its card. With `data`, refuses a model trained on another vocabulary
+    than data's captions or (for a matcher that uses concepts) another concept vocabulary."""
+    vocab_digest = None if data is None else data.vocab.digest()  # the captions' files are checked first
+    concepts_digest = None if data is None else data.concepts.digest()
     path = folder / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found (run the train stage first)")

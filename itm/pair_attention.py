@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from itm.models.base import Captions, Matcher, Pixels, Regions
+from itm.data.batches import Captions, Images, Regions
+from itm.models.base import Matcher
 from itm.models.similarity import attention_weights
 
 
@@ -52,7 +53,7 @@ def pair_attention(matcher: Matcher, image: Regions, caption: Captions) -> PairA
     with the scorer's own λ1 (and threshold, for UARDA)."""
     if not is_cross_attention(matcher):
         raise ValueError("not a cross-attention matcher: its scorer has no lambda_softmax")
-    if len(caption.tokens) != 1 or _batch_size(image) != 1:
+    if len(caption.tokens) != 1 or len(image) != 1:
         raise ValueError("pair_attention takes one image and one caption")
     scorer = matcher.scorer
     direction = getattr(scorer, "direction", "t2i")  # UARDA's scorer is t2i only
@@ -97,11 +98,11 @@ def is_multi_view(matcher: Matcher) -> bool:
     return hasattr(matcher.image_encoder, "view_attention") and hasattr(matcher.text_encoder, "view_attention")
 
 
-def pair_views(matcher: Matcher, image: Regions | Pixels, caption: Captions) -> PairViews:
+def pair_views(matcher: Matcher, image: Images, caption: Captions) -> PairViews:
     """Per-view attention and cosines for a batch of one image and a batch of one caption (eval mode, no grad)."""
     if not is_multi_view(matcher):
         raise ValueError("not a multi-view matcher: its encoders have no view_attention")
-    if len(caption.tokens) != 1 or _batch_size(image) != 1:
+    if len(caption.tokens) != 1 or len(image) != 1:
         raise ValueError("pair_views takes one image and one caption")
     was_training = matcher.training
     matcher.eval()
@@ -116,7 +117,3 @@ def pair_views(matcher: Matcher, image: Regions | Pixels, caption: Captions) -> 
     finally:
         matcher.train(was_training)
     return PairViews(image_attention, caption_attention, cosines)
-
-
-def _batch_size(image: Regions | Pixels) -> int:
-    return len(image.images) if isinstance(image, Pixels) else len(image.features)

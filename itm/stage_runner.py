@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from itm.config import Processes
-from itm.distributed import relaunch_command
 from itm.errors import UserError
+from itm.launch import relaunch_command
 
 EXIT_USER_ERROR = 2
 

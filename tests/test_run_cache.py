@@ -1,0 +1,127 @@
+"""DVC's run-cache on the tiny pipeline (no output is `persist`), and a training that resumes after an interrupt."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny_repo import environment, make_tiny_repo, run
+
+MATCHER = "vsepp"  # one global vector per side: the cheapest matcher to train
+TRAIN, EVALUATE = f"train@{MATCHER}", f"evaluate@{MATCHER}"
+CHECKPOINT = Path("data", "work", "train", MATCHER, "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny repository with everything upstream of the matchers (download to regions, tokenize) already run."""
+    repo = make_tiny_repo(tmp_path_factory.mktemp("upstream") / "repo")
+    run(["dvc", "repro", "regions", "tokenize"], repo)
+    return repo
+
+
+@pytest.fixture
+def repo(upstream: Path, tmp_path: Path) -> Path:
+    """A copy of `upstream` of this test's own (workspace, git history and DVC cache)."""
+    return Path(shutil.copytree(upstream, tmp_path / "repo", symlinks=True))
+
+
+def _set_params(repo: Path, **matcher: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["matchers"][MATCHER] |= matcher
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _recalls(metrics: str) -> dict[str, float]:
+    """The retrieval figures of a metrics file, without the timings (which differ on every run)."""
+    return {key: value for key, value in json.loads(metrics).items() if "seconds" not in key}
+
+
+@pytest.mark.slow
+def test_an_experiment_run_again_with_earlier_params_is_restored_from_the_run_cache(repo: Path) -> None:
+    _set_params(repo, epochs=3)
+    metrics = repo / "metrics" / f"{MATCHER}.json"
+    runs, shown = [], []
+    for value in ("true", "false", "true"):
+        done = run(["dvc", "exp", "run", EVALUATE, "-S", f"matchers.{MATCHER}.max_violation={value}"], repo)
+        runs.append(done.stdout)
+        shown.append(metrics.read_text())  # `dvc exp run` applies its results to the workspace
+    first, second, third = runs
+    for stage in (TRAIN, EVALUATE):
+        assert f"Running stage '{stage}'" in first and f"Running stage '{stage}'" in second
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in third, third
+        assert f"Running stage '{stage}'" not in third, third
+    assert _recalls(shown[1]) != _recalls(shown[0])  # the parameter changes the model
+    assert shown[2] == shown[0]  # the first run's own file, timings included: nothing was run again
+    assert yaml.safe_load((repo / "params.yaml").read_text())["matchers"][MATCHER]["max_violation"] is True
+
+
+def _wait_for(path: Path, process: subprocess.Popen, log: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.is_file():  # the checkpoint is written whole under another name, then renamed into place
+        assert process.poll() is None, f"the stage ended before {path} appeared:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {path} after {seconds} s"
+        time.sleep(0.1)
+
+
+def _interrupt(process: subprocess.Popen, attempts: int = 5) -> int:
+    """Ctrl-C to the process group until it ends; returns its exit status.
+
+    Python loses a SIGINT that arrives while the process forks (the KeyboardInterrupt is raised in an at-fork hook,
+    which ignores it), and the training loop forks its batch loader's worker at the start of every epoch, right
+    after the previous epoch's checkpoint: the first interrupt waits a moment, and any lost one is sent again.
+    """
+    time.sleep(0.3)
+    for _ in range(attempts):
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            return process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            continue
+    raise AssertionError(f"still running after {attempts} interrupts")
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_resumes_from_its_checkpoint(repo: Path, tmp_path: Path) -> None:
+    epochs = 15  # an epoch takes a second or more here: time enough to interrupt after the first checkpoint
+    _set_params(repo, epochs=epochs)
+    log = tmp_path / "interrupted.log"
+    with log.open("w") as output:
+        stage = subprocess.Popen(
+            ["dvc", "repro", TRAIN],
+            cwd=repo,
+            env=environment(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: DVC, the shell and the stage, as a terminal's Ctrl-C
+        )
+        try:
+            _wait_for(repo / CHECKPOINT, stage, log, 300)
+            status = _interrupt(stage)
+        finally:
+            if stage.poll() is None:
+                os.killpg(stage.pid, signal.SIGKILL)
+                stage.wait()
+    interrupted = log.read_text()
+    assert status != 0, interrupted
+    assert "error: interrupted" in interrupted, interrupted
+    assert (repo / CHECKPOINT).is_file()
+    assert not (repo / "models" / MATCHER).exists(), "an interrupted training left a model behind"
+
+    resumed = run(["dvc", "repro", TRAIN], repo)
+    assert f"Running stage '{TRAIN}'" in resumed.stdout
+    done = [int(epoch) for epoch in re.findall(r"resuming after epoch (\d+) from ", resumed.stderr)]
+    assert len(done) == 1 and 1 <= done[0] < epochs, resumed.stderr
+    card = json.loads((repo / "models" / MATCHER / "card.json").read_text())
+    assert len(card["history"]) == epochs  # the epochs before the interrupt and those after it
+    assert not (repo / CHECKPOINT).exists()  # removed once the model is saved
+    assert "Data and pipelines are up to date." in run(["dvc", "status", TRAIN], repo).stdout
