@@ -47,7 +47,7 @@ class Validation:
         return {"val/object_ap50": self.object_ap50, "val/attribute_accuracy": self.attribute_accuracy} | per_class
 
 
-def fingerprint(architecture: DetectorArchitecture, training: DetectorTraining, data_digest: str) -> str:
+def training_fingerprint(architecture: DetectorArchitecture, training: DetectorTraining, data_digest: str) -> str:
     """Identifies a training run: a checkpoint is resumed only by a run with the same settings and data."""
     settings = {"architecture": architecture.model_dump(mode="json"), "training": training.model_dump(mode="json")}
     payload = json.dumps(settings, sort_keys=True) + data_digest
@@ -87,8 +87,8 @@ def train_detector(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: learning_rate_factor(it, total, training.warmup_iterations, training.decay_at)
     )
-    run_id = fingerprint(architecture, training, data_digest)
-    start_epoch = _resume(work_dir / CHECKPOINT, run_id, model, optimizer, schedule)
+    fingerprint = training_fingerprint(architecture, training, data_digest)
+    start_epoch = _resume(work_dir / CHECKPOINT, fingerprint, model, optimizer, schedule)
     for epoch in range(start_epoch, training.epochs):
         generator = torch.Generator().manual_seed(training.seed * 1000 + epoch)
         loader = DataLoader(
@@ -101,7 +101,7 @@ def train_detector(
         )
         averages = _train_one_epoch(model, loader, optimizer, schedule, device, epoch, training.epochs)
         tracker.log_metrics(averages, step=epoch + 1)
-        _save_checkpoint(work_dir / CHECKPOINT, run_id, epoch + 1, model, optimizer, schedule)
+        _save_checkpoint(work_dir / CHECKPOINT, fingerprint, epoch + 1, model, optimizer, schedule)
     model.eval()
     freeze_batch_norm(model)
     validation = validate(model, val_items, vocabularies, device=device, batch_size=training.batch_size)
@@ -152,14 +152,14 @@ def _scalars(values: Mapping[str, float | Tensor]) -> str:
 
 def _save_checkpoint(
     path: Path,
-    run_id: str,
+    fingerprint: str,
     epochs_done: int,
     model: BottomUpDetector,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
     state = {
-        "run_id": run_id,
+        "fingerprint": fingerprint,
         "epochs_done": epochs_done,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -172,7 +172,7 @@ def _save_checkpoint(
 
 def _resume(
     path: Path,
-    run_id: str,
+    fingerprint: str,
     model: BottomUpDetector,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
@@ -181,7 +181,7 @@ def _resume(
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("run_id") != run_id:
+    if state.get("fingerprint") != fingerprint:
         log.info("%s belongs to another training run; starting afresh", path)
         return 0
     model.load_state_dict(state["model"])
