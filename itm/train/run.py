@@ -105,9 +105,10 @@ def train_matcher(
             model, val.store, val.captions, device=device, batch_size=settings.batch_size, context=context
         )
 
+    fingerprint = training_fingerprint(name, params, settings, data, matcher)
     result = fit(
-        matcher, batches, validate, settings, work_dir=work_dir, fingerprint=training_fingerprint(name, params,
-        settings, data, matcher), tracker=tracker, device=device, label=name, context=context,
+        matcher, batches, validate, settings, work_dir=work_dir, fingerprint=fingerprint, tracker=tracker,
+        device=device, label=name, context=context,
     )  # fmt: skip
 
     labelled = matcher.n_concepts > 0
