@@ -2,9 +2,11 @@
 
 Reads what the other stages wrote (`metrics/<name>.json`, `models/<name>/`, `data/scores/<name>.npz`) and writes:
 
-- `comparison.md` and `comparison.parquet`: one row per (protocol, model), the best value per column marked;
-- `comparison.json`: the same metrics nested {protocol: {model: {column: value}}}, a DVC metrics file;
-- `rsum.json`: one point per model, a DVC bar plot;
+- `comparison.md` and `comparison.parquet`: one row per (protocol, model), the best value per column marked; on
+  Flickr30K and COCO, under each model, the figures published for its kind of model (`itm/published.csv`, type
+  `published`) with the rSum difference, and models converted from released checkpoints marked imported;
+- `comparison.json`: our models' metrics nested {protocol: {model: {column: value}}}, a DVC metrics file;
+- `rsum.json`: one point per model of ours, a DVC bar plot;
 - `figures/`: training curves, recall@K bars, and per model its retrieval examples, plus the word-region attention
   of a cross-attention matcher (SCAN, UARDA) or the per-view attention of a multi-view one (MVAM).
 
@@ -25,12 +27,14 @@ import pandas as pd
 import torch
 
 from itm.atomic import staged_dir, staged_file, write_json, write_text
+from itm.data.records import has_image_files
 from itm.data.regions import RegionStore
 from itm.evaluate.ensemble import ensemble_scores
 from itm.evaluate.score_file import SplitScores
-from itm.figures import attention_figure, retrieval_figures, views_figure
+from itm.figures import attention_figure, missing_inputs, retrieval_figures, skipped_figure, views_figure
 from itm.models.saved import CARD_FILE, load_matcher
 from itm.pair_attention import is_cross_attention, is_multi_view
+from itm.published import read_published
 from itm.report import (
     Entry,
     comparison_markdown,
@@ -41,6 +45,7 @@ from itm.report import (
     recall_bars,
     rsum_points,
     training_curves,
+    with_published,
 )
 from itm.tracking import Tracker
 
@@ -80,22 +85,26 @@ def compare(
     ensembles: Mapping[str, Sequence[str]],
     out_dir: Path,
     *,
+    dataset_kind: str,
     examples: Examples,
     tracker: Tracker,
 ) -> Path:
     """Write the comparison into `out_dir` (see the module docstring) and log it; returns the Markdown file.
 
-    The figures are drawn into a staging folder first, so a failure leaves the previous report as it was.
+    `dataset_kind` (synthetic, flickr30k, coco) picks the published figures shown beside ours. The figures are
+    drawn into a staging folder first, so a failure leaves the previous report as it was.
     """
+    published = read_published()  # checked on every run, so a broken data file fails here and not in a later run
     entries = read_entries(inputs.metrics_dir, inputs.models_dir, matchers, ensembles)
     table = comparison_table(entries)
+    report = with_published(table, entries, published, dataset_kind)
     figures_dir = out_dir / FIGURES_DIR
     with staged_dir(figures_dir) as staging:
         drawn = draw_figures(inputs, entries, table, staging, examples)
-    markdown = comparison_markdown(table)
+    markdown = comparison_markdown(report, dataset_kind)
     write_text(out_dir / MARKDOWN_FILE, markdown)
     with staged_file(out_dir / TABLE_FILE) as tmp:
-        table.to_parquet(tmp, index=False)
+        report.to_parquet(tmp, index=False)
     write_json(out_dir / METRICS_FILE, comparison_metrics(table))
     write_json(out_dir / RSUM_FILE, rsum_points(table))
     log.info("comparison of %d models and %d figures in %s", len(entries), len(drawn), out_dir)
@@ -106,7 +115,9 @@ def compare(
 def draw_figures(
     inputs: Inputs, entries: Sequence[Entry], table: pd.DataFrame, folder: Path, examples: Examples
 ) -> list[Path]:
-    """Every figure of the report, as PNG files in `folder`; returns their paths."""
+    """Every figure of the report, as PNG files in `folder`; returns their paths. A figure that needs what the
+    pipeline does not have (the images, after a captions-only download for precomputed regions; the boxes, which
+    precomputed regions lack) gets a note in its place saying so."""
     drawn = []
     histories = read_histories(inputs.models_dir, [entry.name for entry in entries if entry.type == "single"])
     if histories:
@@ -116,30 +127,46 @@ def draw_figures(
         drawn.append(folder / f"recall_bars_{protocol}.png")
         recall_bars(table, drawn[-1], protocol)
     boxes = regions_have_boxes(inputs.regions_dir)
+    images = has_image_files(inputs.dataset_dir)
+    missing = missing_inputs(inputs.dataset_dir, images=images, boxes=boxes)
+    if missing is not None:
+        needed = "the images" if not images else "region boxes"
+        log.warning("figures that need %s are not drawn, a note stands in the place of each: %s", needed, missing)
     for entry in entries:
-        drawn += _model_figures(inputs, entry, folder, examples, boxes=boxes)
+        drawn += _model_figures(inputs, entry, folder, examples, boxes=boxes, images=images)
     return drawn
 
 
-def _model_figures(inputs: Inputs, entry: Entry, folder: Path, examples: Examples, *, boxes: bool) -> list[Path]:
-    """A model's retrieval examples, and its attention figure when it has one (region attention needs `boxes`)."""
+def _model_figures(
+    inputs: Inputs, entry: Entry, folder: Path, examples: Examples, *, boxes: bool, images: bool
+) -> list[Path]:
+    """A model's retrieval examples, and its attention figure when it has one (each needs the `images`, region
+    attention the `boxes` too); a note in place of each that cannot be drawn."""
     drawn = []
     sources = (inputs.models_dir, inputs.regions_dir, inputs.captions_dir, inputs.dataset_dir)
     if entry.type == "single":
         matcher, _ = load_matcher(inputs.models_dir / entry.name, torch.device("cpu"))
-        if is_cross_attention(matcher) and boxes:
-            drawn.append(folder / f"attention_{entry.name}.png")
-            attention_figure(sources[0] / entry.name, *sources[1:], drawn[-1], pairs=examples.count,
-                             seed=examples.seed)  # fmt: skip
-        elif is_multi_view(matcher) and (boxes or matcher.pixels is not None):
-            drawn.append(folder / f"views_{entry.name}.png")
-            views_figure(sources[0] / entry.name, *sources[1:], drawn[-1], seed=examples.seed)
-        elif is_cross_attention(matcher) or is_multi_view(matcher):
-            log.warning("%s: the test regions have no boxes (precomputed features): no attention figure", entry.name)
-    scores = model_scores(inputs.scores_dir, entry)
+        cross = is_cross_attention(matcher)
+        if cross or is_multi_view(matcher):
+            drawn.append(folder / f"{'attention' if cross else 'views'}_{entry.name}.png")
+            needs_boxes = cross or matcher.pixels is None  # the views of a pixel matcher lie on its ViT patches
+            missing = missing_inputs(inputs.dataset_dir, images=images, boxes=boxes or not needs_boxes)
+            if missing is not None:
+                skipped_figure(drawn[-1], missing)
+            elif cross:
+                attention_figure(sources[0] / entry.name, *sources[1:], drawn[-1], pairs=examples.count,
+                                 seed=examples.seed)  # fmt: skip
+            else:
+                views_figure(sources[0] / entry.name, *sources[1:], drawn[-1], seed=examples.seed)
     t2i, i2t = folder / f"retrieval_t2i_{entry.name}.png", folder / f"retrieval_i2t_{entry.name}.png"
-    retrieval_figures(scores, inputs.captions_dir, inputs.dataset_dir, t2i, i2t, queries=examples.count,
-                      top=examples.top, seed=examples.seed, title=entry.name)  # fmt: skip
+    missing = missing_inputs(inputs.dataset_dir, images=images, boxes=True)
+    if missing is not None:
+        skipped_figure(t2i, missing)
+        skipped_figure(i2t, missing)
+    else:
+        scores = model_scores(inputs.scores_dir, entry)
+        retrieval_figures(scores, inputs.captions_dir, inputs.dataset_dir, t2i, i2t, queries=examples.count,
+                          top=examples.top, seed=examples.seed, title=entry.name)  # fmt: skip
     return [*drawn, t2i, i2t]
 
 
@@ -188,7 +215,9 @@ def log_comparison(
     tracker.set_tags({"mlflow.note.content": markdown})
     for entry in entries:
         runs = linked_runs(inputs, entry, tracker)
-        tags = {"itm.model": entry.name, "itm.type": entry.type, "itm.kind": entry.kind}
+        tags = {"itm.model": entry.name, "itm.type": entry.type, "itm.kind": entry.kind, "itm.weights": entry.weights}
+        if entry.weights_source:
+            tags["itm.weights.source"] = entry.weights_source
         tags |= {f"itm.run.{stage}": run_id for stage, run_id in runs.items()}
         with tracker.child_run(entry.name, tags) as child:
             child.log_params({"kind": entry.kind, "type": entry.type, "parameters": entry.parameters,

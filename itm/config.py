@@ -104,6 +104,8 @@ class KarpathyDataset(Section):
 
     kind: Literal["flickr30k", "coco"]
     karpathy: KarpathySplitFile
+    # With regions.source: precomp every archive's source may stay null: the download stage then fetches the
+    # captions and splits only (the figures that need pixels are skipped).
     images: tuple[ImageArchive, ...] = Field(min_length=1)
     # Retrieval protocols use exactly 5 captions per image; COCO images with more keep their first 5.
     captions_per_image: int = Field(5, ge=1, le=20)
@@ -210,7 +212,9 @@ class RegionParams(Processes):
     nms_threshold: float = Field(0.3, gt=0.0, le=1.0)
     batch_size: int = Field(4, ge=1)  # images per forward pass (padding differs with batch composition)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    precomp_dir: str | None = None  # folder with SCAN's {split}_ims.npy, {split}_ids.txt (source: precomp)
+    # source: precomp: SCAN's data/<f30k|coco>_precomp/ ({split}_ims.npy, _caps.txt, _ids.txt), or VSE∞'s
+    # data/<f30k|coco>/ (the same files in precomp/, id_mapping.json beside it) or its precomp/ (itm/data/precomp.py)
+    precomp_dir: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RegionParams:
@@ -247,8 +251,55 @@ class TokenizeParams(Section):
 # --- matchers, training, evaluation --------------------------------------------------------------------------------
 
 
+class PublishedConcepts(Section):
+    """The concept files a CVSE checkpoint was trained with (BruceW91/CVSE
+    `data/<data>_annotations/Concept_annotations*/`), in the order of its concept ids."""
+
+    categories: RemoteFile  # category_concepts.json: {concept word: id}, ids 0..K-1 in file order
+    adjacency: RemoteFile  # <data>_adj_concepts.pkl: concept counts `nums` and co-occurrences `adj_all`
+    word_vectors: RemoteFile  # <data>_concepts_glove_word2vec.pkl: [K, 300] GloVe vectors, the GCN's inputs
+    # how a caption's words become its concepts: wordnet, CVSE's (each word and concept word reduced to its WordNet
+    # noun lemma; needs WordNet 3.0's database: Debian's wordnet-base, or WNSEARCHDIR); exact: the words as they are
+    # (not CVSE's protocol; for machines without WordNet)
+    lemmas: Literal["wordnet", "exact"] = "wordnet"
+
+    @model_validator(mode="after")
+    def _sources_named(self) -> PublishedConcepts:
+        unnamed = [name for name in ("categories", "adjacency", "word_vectors") if getattr(self, name).source is None]
+        if unnamed:
+            raise ValueError(f"{', '.join(f'{name}.source' for name in unnamed)} not set: CVSE's concepts are its own")
+        return self
+
+
+class PublishedWeights(Section):
+    """A released checkpoint to convert instead of training (`train@` converts it; itm/train/published/).
+
+    `scan`: kuanghuei/SCAN's `model_best.pth.tar` with the vocabulary it was trained with (`vocab`: SCAN's
+    `vocab/<data>_precomp_vocab.json`, or the `.pkl` CVSE ships). The checkpoint's options decide the matcher's
+    direction, pooling, lambdas and sizes; a key the block sets must agree with them.
+    `cvse`: BruceW91/CVSE's `model_best.pth.tar`, its vocabulary (`vocab/<data>_precomp_vocab.pkl`) and its
+    `concepts` files; the matcher gets CVSE's layout (`region_norm: slots`, `caption_concepts: words`)."""
+
+    source: str  # path or http(s) URL of the checkpoint
+    sha256: Sha256  # a file with another checksum is refused
+    layout: Literal["scan", "cvse"]
+    vocab: RemoteFile  # the vocabulary file the checkpoint's word ids refer to
+    concepts: PublishedConcepts | None = None  # layout cvse: its concept files; null otherwise
+
+    @model_validator(mode="after")
+    def _vocab_named(self) -> PublishedWeights:
+        if self.vocab.source is None:
+            raise ValueError("vocab.source is not set: a checkpoint's word ids mean nothing without its vocabulary")
+        if self.layout == "cvse" and self.concepts is None:
+            raise ValueError("layout cvse needs `concepts` (categories, adjacency, word_vectors): CVSE's own files")
+        if self.layout != "cvse" and self.concepts is not None:
+            raise ValueError(f"`concepts` belong to layout cvse; a {self.layout} checkpoint has none")
+        return self
+
+
 class MatcherCommon(Section):
-    """What every matcher has: a joint embedding space, word embeddings and the hinge triplet loss."""
+    """What every matcher has: a joint embedding space, word embeddings and the hinge triplet loss; or, instead of
+    training, published weights to convert (`weights`)."""
 
     embed_dim: int = Field(1024, ge=1)  # joint space (VSE++, SCAN: 1024)
     word_dim: int = Field(300, ge=1)  # word embeddings (300)
@@ -256,6 +307,14 @@ class MatcherCommon(Section):
     max_violation: bool = True  # hardest negative in the batch (VSE++); false sums over all negatives (VSE0)
     epochs: int | None = Field(None, ge=1)  # this matcher's training length; null: train.epochs
     schedule: Literal["step", "cosine"] | None = None  # this matcher's learning-rate schedule; null: train.schedule
+    weights: PublishedWeights | None = None  # released weights to convert instead of training; null: train
+
+    @model_validator(mode="after")
+    def _layout_of_kind(self) -> MatcherCommon:
+        kind = getattr(self, "kind", None)
+        if self.weights is not None and self.weights.layout != kind:
+            raise ValueError(f"weights.layout {self.weights.layout!r} does not build a {kind!r} matcher")
+        return self
 
 
 class VseppParams(MatcherCommon):
@@ -335,6 +394,23 @@ class CvseParams(MatcherCommon):
     loss_weighting: Literal["fixed", "dwa"] = "fixed"  # dwa: re-weighted each epoch from the losses' own descent
     dwa_temperature: float = Field(2.0, gt=0.0)  # T of Dynamic Weight Average (Liu et al., CVPR 2019)
     fused_score_weight: float = Field(0.95, ge=0.0, le=1.0)  # retrieval: S = w cos(fused) + (1 - w) cos(consensus)
+    # the visual attention's BatchNorm: over the real regions' features (any region count), or CVSE's
+    # BatchNorm1d over `region_slots` region slots (every image needs exactly that many regions; cvse only)
+    region_norm: Literal["features", "slots"] = "features"
+    region_slots: int = Field(36, ge=1)  # slots: regions per image (CVSE: 36)
+    # a caption's concepts: labels, the data's (tokenize's concept labels); words, its word ids looked up in the
+    # model's own word -> concept table (a converted CVSE checkpoint's: CVSE labels test captions by their words);
+    # words reads no labels, so it cannot train nor complete labels transductively
+    caption_concepts: Literal["labels", "words"] = "labels"
+
+    @model_validator(mode="after")
+    def _cvse_layout(self) -> CvseParams:
+        if self.region_norm == "slots" and self.kind != "cvse":
+            raise ValueError(f"region_norm 'slots' is CVSE's visual BatchNorm; {self.kind} has none")
+        if self.caption_concepts == "words" and self.weights is None:
+            raise ValueError("caption_concepts 'words' reads a converted checkpoint's word -> concept table; "
+                             "it needs `weights` (to train, use 'labels')")  # fmt: skip
+        return self
 
 
 class MhCvseParams(CvseParams):
@@ -420,9 +496,10 @@ class EvaluateParams(Processes):
     ensembles: dict[BlockName, tuple[BlockName, ...]] = Field(default_factory=dict)
     # Concept-aware matchers (CVSE, MH-CVSE) read each test caption's concepts from its own words. CVSE's public
     # evaluation also adds the concepts of neighbouring test captions (transductive: it uses the other queries);
-    # true reproduces that, and the metrics record which was used.
+    # true reproduces that (itm/evaluate/completion.py; CVSE's Flickr30K or COCO rule by dataset kind, the synthetic
+    # set taking Flickr30K's), and the metrics record which was used.
     transductive_concepts: bool = False
-    completion_text_neighbours: int = Field(10, ge=1)  # nearest test captions by embedding (CVSE: 10)
+    completion_text_neighbours: int = Field(10, ge=1)  # nearest other test captions by fused embedding (CVSE: 10)
     completion_image_window: int = Field(3, ge=1)  # captions around the query in its best image's ranking (CVSE: 3)
     # Autocast of the scoring on a GPU (the CPU scores in fp32). bench/precision.py compares it with fp32: reduced
     # precision reorders near-tied scores (VSE++ on the synthetic test: rSum -6.6 in fp16, -38.8 in bf16).

@@ -4,6 +4,11 @@ Rows come from `metrics/<name>.json` (what `evaluate@` and `ensemble@` write) an
 `models/<name>/card.json` and `model.pt` (kind, parameter count, training time when the card records it). An
 ensemble's parameter count is the sum of its members'. A dataset with several protocols (COCO: `test_5fold1k`,
 `test_5k`) gets one block of rows per protocol.
+
+On Flickr30K and COCO, `with_published` adds under each of our rows the figures published for the same kind of model
+on the same protocol (`itm/published.csv`, type `published`), with the rSum difference ours − published; they are
+never the best value of a column. A model whose card names the released checkpoint it was converted from
+(`weights`) is marked imported.
 """
 
 from __future__ import annotations
@@ -19,17 +24,27 @@ import torch
 
 from itm.errors import UserError
 from itm.models.saved import CARD_FILE, load_matcher
+from itm.published import Published, counterparts, ensemble_key, model_key
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 HIGHER_IS_BETTER = (*RECALLS, "rsum")
 LOWER_IS_BETTER = ("i2t_medr", "t2i_medr", "ms_per_query")
 HEADERS = {
-    "name": "model", "type": "type", "kind": "kind",
+    "name": "model", "type": "type", "kind": "kind", "evaluation": "evaluation",
     "i2t_r1": "i2t R@1", "i2t_r5": "i2t R@5", "i2t_r10": "i2t R@10",
-    "t2i_r1": "t2i R@1", "t2i_r5": "t2i R@5", "t2i_r10": "t2i R@10", "rsum": "rSum",
+    "t2i_r1": "t2i R@1", "t2i_r5": "t2i R@5", "t2i_r10": "t2i R@10", "rsum": "rSum", "rsum_diff": "Δ rSum",
     "i2t_medr": "i2t medR", "t2i_medr": "t2i medR", "parameters": "parameters",
     "train_minutes": "training min", "ms_per_query": "ms / query",
 }  # fmt: skip
+TEXT_COLUMNS = ("name", "type", "kind", "evaluation")
+# How a row's test figures were computed: the fair protocol (every query on its own), or with CVSE's transductive
+# completion of concept labels from the other test captions (`evaluate.transductive_concepts`).
+FAIR, TRANSDUCTIVE = "fair", "transductive (CVSE completion)"
+# What a published row carries besides its figures: which of our rows it stands under, ours − published, and its
+# provenance (the columns of itm/published.csv).
+PUBLISHED_COLUMNS = ("published_for", "rsum_diff", "protocol_detail", "source", "checked", "read_in")
+DATASET_NAMES = {"flickr30k": "Flickr30K", "coco": "MS-COCO", "synthetic": "the synthetic dataset"}
+WEIGHTS_MARKS = {"imported": ", imported", "mixed": ", partly imported"}  # after the type in the Markdown table
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,14 @@ class Entry:
     parameters: int | None
     train_seconds: float | None
     members: tuple[str, ...] = ()  # an ensemble's matchers
+    key: str = ""  # the model key published figures match (itm.published.model_key, ensemble_key)
+    weights: str = "trained"  # "imported" from a released checkpoint (the card's `weights`); an ensemble: "mixed"
+    weights_source: str | None = None  # where an imported single model's checkpoint came from
+    evaluation: str = FAIR  # FAIR, or TRANSDUCTIVE when the test labels used other test captions
+
+    @staticmethod
+    def evaluation_of(metrics: Mapping[str, float]) -> str:
+        return TRANSDUCTIVE if metrics.get("test/transductive_concepts") == 1 else FAIR
 
 
 def read_metrics(path: Path) -> dict[str, float]:
@@ -61,19 +84,33 @@ def read_entries(
     metrics_dir: Path, models_dir: Path, matchers: Sequence[str], ensembles: Mapping[str, Sequence[str]]
 ) -> list[Entry]:
     """Single matchers first (in `matchers` order), then ensembles."""
-    entries, counts = [], {}
+    singles: dict[str, Entry] = {}
     for name in matchers:
         card_path = models_dir / name / CARD_FILE
         if not card_path.is_file():
             raise UserError(f"{card_path}: not found (run train@{name} first)")
         card = json.loads(card_path.read_text())
-        counts[name] = parameter_count(models_dir / name)
-        entries.append(Entry(name, "single", card["kind"], read_metrics(metrics_dir / f"{name}.json"),
-                             counts[name], card.get("train_seconds")))  # fmt: skip
-    for name, members in ensembles.items():
-        total = sum(counts[member] for member in members) if all(m in counts for m in members) else None
+        imported = card.get("weights")
         metrics = read_metrics(metrics_dir / f"{name}.json")
-        entries.append(Entry(name, "ensemble", "ensemble", metrics, total, None, tuple(members)))
+        singles[name] = Entry(
+            name, "single", card["kind"], metrics, parameter_count(models_dir / name), card.get("train_seconds"),
+            key=model_key(card.get("params") or {"kind": card["kind"]}),
+            weights="imported" if imported else "trained",
+            weights_source=str(imported.get("source") or "unnamed source") if isinstance(imported, dict) else None,
+            evaluation=Entry.evaluation_of(metrics),
+        )  # fmt: skip
+    entries = list(singles.values())
+    for name, members in ensembles.items():
+        known = [singles[member] for member in members if member in singles]
+        complete = len(known) == len(members)
+        total = sum(member.parameters or 0 for member in known) if complete else None
+        imported = sum(member.weights == "imported" for member in known)
+        weights = "trained" if not imported else "imported" if imported == len(members) else "mixed"
+        metrics = read_metrics(metrics_dir / f"{name}.json")
+        transductive = any(member.evaluation == TRANSDUCTIVE for member in known)
+        entries.append(Entry(name, "ensemble", "ensemble", metrics, total, None, tuple(members),
+                             key=ensemble_key(member.key for member in known) if complete else "",
+                             weights=weights, evaluation=TRANSDUCTIVE if transductive else FAIR))  # fmt: skip
     return entries
 
 
@@ -87,11 +124,18 @@ def comparison_table(entries: Sequence[Entry]) -> pd.DataFrame:
     retrieval time."""
     order = list(dict.fromkeys(protocol for entry in entries for protocol in protocols(entry.metrics)))
     rows = [_row(protocol, entry) for protocol in order for entry in entries if protocol in protocols(entry.metrics)]
-    return pd.DataFrame(rows)
+    return _typed(pd.DataFrame(rows))
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    """Parameter counts stay integers where some are unknown (an ensemble of missing members, a published row)."""
+    return table.astype({"parameters": "Int64"}) if "parameters" in table.columns else table
 
 
 def _row(protocol: str, entry: Entry) -> dict[str, object]:
-    row: dict[str, object] = {"protocol": protocol, "name": entry.name, "type": entry.type, "kind": entry.kind}
+    row: dict[str, object] = {"protocol": protocol, "name": entry.name, "type": entry.type, "kind": entry.kind,
+                              "weights": entry.weights, "weights_source": entry.weights_source,
+                              "evaluation": entry.evaluation}  # fmt: skip
     for column in (*HIGHER_IS_BETTER, "i2t_medr", "t2i_medr"):
         row[column] = entry.metrics.get(f"{protocol}/{column}", math.nan)
     seconds_per_query = entry.metrics.get("test/seconds_per_query")
@@ -101,10 +145,37 @@ def _row(protocol: str, entry: Entry) -> dict[str, object]:
     return row
 
 
+def with_published(
+    table: pd.DataFrame, entries: Sequence[Entry], figures: Sequence[Published], dataset_kind: str
+) -> pd.DataFrame:
+    """`table` with, under each of our rows, the published figures of the same kind of model on the same dataset
+    and protocol (type `published`, named as their source names them), and the columns of PUBLISHED_COLUMNS:
+    `published_for` names our row, `rsum_diff` is our rSum minus the published one. No figures on synthetic data."""
+    keys = {entry.name: entry.key for entry in entries}
+    rows: list[dict[str, object]] = []
+    for _, ours in table.iterrows():
+        rows.append(ours.to_dict() | dict.fromkeys(PUBLISHED_COLUMNS))
+        for figure in counterparts(figures, dataset_kind, str(ours["protocol"]), keys.get(str(ours["name"]), "")):
+            row: dict[str, object] = {"protocol": ours["protocol"], "name": figure.model, "type": "published",
+                                      "kind": ours["kind"], "weights": None, "weights_source": None,
+                                      "evaluation": "as published"}  # fmt: skip
+            row |= dict(figure.recalls) | {"rsum": figure.rsum, "published_for": ours["name"],
+                                           "rsum_diff": float(ours["rsum"]) - figure.rsum}  # fmt: skip
+            row |= {column: getattr(figure, column) for column in ("protocol_detail", "source", "checked", "read_in")}
+            rows.append(row)
+    columns = [*table.columns, *(column for column in PUBLISHED_COLUMNS if column not in table.columns)]
+    return _typed(pd.DataFrame(rows, columns=columns))
+
+
+def _ours(table: pd.DataFrame) -> pd.DataFrame:
+    """Our rows only (no published ones)."""
+    return table[table["type"] != "published"] if "type" in table.columns else table
+
+
 def best_values(table: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """(protocol, column) → the best value of that column within the protocol's rows."""
+    """(protocol, column) → the best value of that column within the protocol's rows of our own models."""
     best = {}
-    for protocol, rows in table.groupby("protocol", sort=False):
+    for protocol, rows in _ours(table).groupby("protocol", sort=False):
         for column in HIGHER_IS_BETTER:
             best[(protocol, column)] = rows[column].max()
         for column in LOWER_IS_BETTER:
@@ -112,20 +183,82 @@ def best_values(table: pd.DataFrame) -> dict[tuple[str, str], float]:
     return best
 
 
-def comparison_markdown(table: pd.DataFrame) -> str:
-    """A Markdown table per protocol, single models then ensembles; the best value of each column in bold."""
+def comparison_markdown(table: pd.DataFrame, dataset_kind: str | None = None) -> str:
+    """A Markdown table per protocol, single models then ensembles; the best value of each column in bold.
+
+    Published rows (`with_published`) stand under our row they correspond to, with a numbered note on where the
+    figure comes from; given `dataset_kind`, a line also says when there are no published figures to show.
+    """
     best = best_values(table)
-    columns = [c for c in HEADERS if c in table.columns]
+    published = table[table["type"] == "published"] if "type" in table.columns else table.iloc[:0]
+    columns = [c for c in HEADERS if c in table.columns and (c != "rsum_diff" or not published.empty)]
+    notes: dict[tuple[str, str], int] = {}  # (published model, protocol) -> its note's number
     blocks = []
     for protocol, rows in table.groupby("protocol", sort=False):
         lines = [f"### {protocol}", "", "| " + " | ".join(HEADERS[c] for c in columns) + " |",
-                 "|" + "|".join("---" if c in ("name", "type", "kind") else "---:" for c in columns) + "|"]  # fmt: skip
+                 "|" + "|".join("---" if c in TEXT_COLUMNS else "---:" for c in columns) + "|"]  # fmt: skip
         for _, row in rows.iterrows():
-            cells = [_cell(row[column], best.get((protocol, column))) for column in columns]
+            if row["type"] == "published":
+                number = notes.setdefault((str(row["name"]), str(protocol)), len(notes) + 1)
+                cells = [_published_cell(row, column, number) for column in columns]
+            else:
+                cells = [_cell(row[column], best.get((protocol, column))) for column in columns]
+                if "type" in columns:
+                    cells[columns.index("type")] += WEIGHTS_MARKS.get(str(row.get("weights")), "")
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     legend = "Bold: the best value of the column within the protocol (highest recall and rSum, lowest rank and time)."
-    return "\n\n".join([*blocks, legend]) + "\n"
+    if not published.empty:
+        legend += " Published rows are never bold; Δ rSum is ours − published."
+    return "\n\n".join([*blocks, *_notes(table, published, notes, dataset_kind), legend]) + "\n"
+
+
+def _published_cell(row: pd.Series, column: str, number: int) -> str:
+    if column == "name":
+        return f"↳ {row['name']} [{number}]"
+    if column == "rsum_diff":
+        return f"{row[column]:+.1f}"
+    return _cell(row[column], None)
+
+
+def _notes(
+    table: pd.DataFrame, published: pd.DataFrame, numbers: Mapping[tuple[str, str], int], dataset_kind: str | None
+) -> list[str]:
+    """The paragraphs under the tables: imported checkpoints, and the published figures' sources (or their absence)."""
+    paragraphs = []
+    if "weights_source" in table.columns:
+        ours = _ours(table)
+        sources = dict(zip(ours["name"], ours["weights_source"], strict=True))
+        imported = [f"{name} from {source}" for name, source in sources.items() if _known(source)]
+        if imported:
+            paragraphs.append("Imported (weights converted from a released checkpoint, not trained here; an ensemble "
+                              f"of imported members is marked too): {'; '.join(imported)}.")  # fmt: skip
+    if dataset_kind is not None and published.empty:
+        name = DATASET_NAMES.get(dataset_kind, dataset_kind)
+        if dataset_kind in ("flickr30k", "coco"):
+            paragraphs.append(f"None of these models has published figures on {name} in itm/published.csv.")
+        else:
+            paragraphs.append(f"There are no published figures for {name}: every row is one of our models.")
+    if not published.empty:
+        lines = ["Published figures (type `published`, under our model of the same kind):", ""]
+        seen = set()
+        for _, row in published.iterrows():
+            identity = (str(row["name"]), str(row["protocol"]))
+            if identity in seen:
+                continue
+            seen.add(identity)
+            lines.append(f"{numbers[identity]}. {row['name']}, `{row['protocol']}`: {row['source']}; "
+                         f"{_checked(row)}. Protocol: {row['protocol_detail']}.")  # fmt: skip
+        paragraphs.append("\n".join(lines))
+    return paragraphs
+
+
+def _checked(row: pd.Series) -> str:
+    if row["checked"] == "source":
+        return f"read in the source ({row['read_in']})"
+    if row["checked"] == "second_hand":
+        return f"second-hand, read in {row['read_in']}"
+    return f"unverified: {row['read_in']}"
 
 
 def _cell(value: object, best: float | None) -> str:
@@ -149,9 +282,9 @@ def _number(value: object) -> str:
 def comparison_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
     """The table as nested metrics {protocol: {model: {column: value}}} for a DVC metrics file (unknown values left
     out), so `dvc metrics diff` compares every model between experiments."""
-    numeric = [column for column in HEADERS if column in table.columns and column not in ("name", "type", "kind")]
+    numeric = [column for column in HEADERS if column in table.columns and column not in (*TEXT_COLUMNS, "rsum_diff")]
     metrics: dict[str, dict[str, dict[str, float]]] = {}
-    for _, row in table.iterrows():
+    for _, row in _ours(table).iterrows():
         values = {column: float(row[column]) for column in numeric if _known(row[column])}
         metrics.setdefault(str(row["protocol"]), {})[str(row["name"])] = values
     return metrics
@@ -160,11 +293,12 @@ def comparison_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, flo
 def rsum_points(table: pd.DataFrame) -> list[dict[str, object]]:
     """One point per (model, protocol) for a DVC bar plot of rSum; the protocol joins the label when there are
     several (COCO)."""
-    several = table["protocol"].nunique() > 1
+    ours = _ours(table)
+    several = ours["protocol"].nunique() > 1
     return [
         {"model": f"{row['name']} ({row['protocol']})" if several else row["name"], "type": row["type"],
          "rsum": float(row["rsum"])}
-        for _, row in table.iterrows()
+        for _, row in ours.iterrows()
     ]  # fmt: skip
 
 
@@ -179,7 +313,8 @@ def read_histories(models_dir: Path, matchers: Sequence[str]) -> dict[str, list[
 
 
 def _known(value: object) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+    """Not None, NaN or pandas' NA."""
+    return value is not None and value is not pd.NA and not (isinstance(value, float) and math.isnan(value))
 
 
 def recall_bars(table: pd.DataFrame, path: Path, protocol: str | None = None) -> None:

@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             matchers,
             ensembles,
             args.out,
+            dataset_kind=params.active_dataset.kind,
             examples=Examples(settings.examples, settings.top, settings.seed),
             tracker=tracker,
         )

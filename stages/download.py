@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from itm.config import PARAMS_FILE, load_params
-from itm.data.sources import materialise
+from itm.data.sources import materialise, pixel_matchers
 from itm.stage_runner import run_stage
 from itm.tracking import start_run
 
@@ -21,9 +21,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params(args.params)
     dataset = params.active_dataset
-    logged = {"dataset": params.dataset, "datasets": {params.dataset: dataset.model_dump(mode="json")}}
+    logged = {
+        "dataset": params.dataset,
+        "datasets": {params.dataset: dataset.model_dump(mode="json")},
+        "regions": {"source": params.regions.source},  # precomp: the images may be left out
+    }
     with start_run("download", params=logged, tags={"itm.dataset": params.dataset}) as tracker:
-        summary = materialise(params.dataset, dataset, args.out, cache_dir=args.cache, download=params.download)
+        summary = materialise(
+            params.dataset,
+            dataset,
+            args.out,
+            cache_dir=args.cache,
+            download=params.download,
+            precomputed_regions=params.regions.source == "precomp",
+            pixel_matchers=pixel_matchers(params.matchers),
+        )
         tracker.log_metrics(summary)
 
 

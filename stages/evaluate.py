@@ -11,7 +11,7 @@ from itm.atomic import write_json
 from itm.config import PARAMS_FILE, load_params
 from itm.data.splits import DataFolders
 from itm.device import default_device
-from itm.evaluate.completion import ConceptCompletion
+from itm.evaluate.completion import ConceptCompletion, rule_for
 from itm.evaluate.run import RECALL_CURVE_FILE, evaluate_matcher, recall_curve
 from itm.evaluate.score_file import SplitScores
 from itm.stage_runner import relaunch_under_torchrun, run_stage
@@ -37,11 +37,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = params.evaluate
     completion = None
     if settings.transductive_concepts:
-        completion = ConceptCompletion(settings.completion_text_neighbours, settings.completion_image_window)
+        rule = rule_for(params.active_dataset.kind)  # CVSE's Flickr30K or COCO rule
+        completion = ConceptCompletion(settings.completion_text_neighbours, settings.completion_image_window, rule)
     tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset}
     logged = {
         "matcher": args.matcher,
         "transductive_concepts": settings.transductive_concepts,
+        "completion_rule": completion.rule.name if completion else "none",
         "precision": settings.precision,
     }
     with (

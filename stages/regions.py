@@ -15,10 +15,11 @@ from itm import distributed
 from itm.atomic import write_json
 from itm.config import PARAMS_FILE, Params, RegionParams, load_params
 from itm.data.precomp import import_precomp
-from itm.data.records import DATASET_JSON
+from itm.data.records import DATASET_JSON, has_image_files
 from itm.detect.dataset_regions import extract_regions
 from itm.detect.extract import Extraction, Selection
 from itm.device import default_device
+from itm.errors import UserError
 from itm.stage_runner import default_workers, relaunch_under_torchrun, run_stage
 from itm.tracking import start_run_on_main
 
@@ -37,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params(args.params)
     settings = params.regions
+    if settings.source == "detector" and not has_image_files(args.dataset):
+        raise UserError(
+            f"{args.dataset}: no images/ to run the detector on (downloaded captions only, for regions.source: "
+            f"precomp): set datasets.{params.dataset}.images[].source and run the download stage again"
+        )
     if settings.source == "detector":
         relaunch_under_torchrun("stages.regions", argv, settings)
     with distributed.processes(default_device()) as context:
@@ -57,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _import_precomputed(params: Params, args: argparse.Namespace) -> dict[str, float]:
-    """SCAN's precomputed features as the region store."""
+    """SCAN's precomputed features (SCAN's or VSE∞'s folder layout) as the region store."""
     assert params.regions.precomp_dir is not None  # enforced by the params schema
     id_field = "source_id" if params.active_dataset.kind == "coco" else "imgid"
     return import_precomp(Path(params.regions.precomp_dir), args.dataset / DATASET_JSON, args.out, id_field=id_field)

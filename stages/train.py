@@ -1,4 +1,5 @@
-"""DVC stage `train@<matcher>`: train one matcher of params.yaml on the train split, selected on val rSum."""
+"""DVC stage `train@<matcher>`: train one matcher of params.yaml on the train split, selected on val rSum; or, for a
+block with `weights:`, convert those published weights instead."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from itm import distributed
-from itm.config import PARAMS_FILE, load_params
+from itm.config import PARAMS_FILE, DownloadParams, MatcherParams, load_params
 from itm.data.splits import DataFolders
 from itm.device import default_device
 from itm.errors import UserError
 from itm.stage_runner import default_workers, relaunch_under_torchrun, run_stage
-from itm.tracking import start_run_on_main
+from itm.tracking import start_run, start_run_on_main
+from itm.train.published import import_published
 from itm.train.run import resolved_settings, train_matcher
 
 
@@ -32,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.matcher not in params.matchers:
         raise UserError(f"--matcher {args.matcher!r} is not a key of matchers ({', '.join(params.matchers)})")
     matcher = params.matchers[args.matcher]
+    data = DataFolders(args.regions, args.captions, args.dataset)
+    if matcher.weights is not None:
+        convert(args, matcher, params.download, data, params.dataset)
+        return
     logged = {"matcher": args.matcher, "matchers": {args.matcher: matcher.model_dump(mode="json")}}
     logged |= {"train": resolved_settings(matcher, params.train).model_dump(mode="json"), "dataset": params.dataset}
     relaunch_under_torchrun("stages.train", argv, params.train)
@@ -45,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.matcher,
             matcher,
             params.train,
-            data=DataFolders(args.regions, args.captions, args.dataset),
+            data=data,
             out_dir=args.out,
             work_dir=args.work,
             tracker=tracker,
@@ -53,6 +59,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             workers=args.workers,
             context=context,
         )
+
+
+def convert(
+    args: argparse.Namespace, matcher: MatcherParams, download: DownloadParams, data: DataFolders, dataset: str
+) -> None:
+    """The published weights of the block, converted in one process (nothing to train, nothing to distribute)."""
+    logged = {"matcher": args.matcher, "matchers": {args.matcher: matcher.model_dump(mode="json")}, "dataset": dataset}
+    tags = {"itm.matcher": args.matcher, "itm.dataset": dataset, "itm.weights": "published"}
+    with start_run(f"train@{args.matcher}", params=logged, tags=tags) as tracker:
+        import_published(
+            args.matcher, matcher, data=data, out_dir=args.out, work_dir=args.work, download=download,
+            tracker=tracker, device=default_device(),
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

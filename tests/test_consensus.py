@@ -1,5 +1,5 @@
 """CVSE and MH-CVSE parts: the concept graph on a hand-worked example, the concept predictor, every fusion mode, the
-KL term, Dynamic Weight Average, GloVe inputs and the transductive completion of test concept labels."""
+KL term, Dynamic Weight Average and GloVe inputs (the transductive completion of test labels: test_completion.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from itm.data.glove import read_word_vectors
 from itm.data.loaders import CaptionTable, PairCollator, image_concepts
 from itm.data.regions import pad_regions
 from itm.errors import UserError
-from itm.evaluate.completion import ConceptCompletion, image_windows, text_neighbours
 from itm.models import MatcherInputs, build_matcher, inputs_for_training
 from itm.models.base import Encoded
 from itm.models.consensus import (
@@ -297,34 +296,3 @@ def test_concept_matchers_need_concepts() -> None:
 def test_training_labels_are_the_image_union() -> None:
     table = CaptionTable(np.arange(4), np.array([7, 7, 8, 7]), [[1], [1], [1], [1]], [[2], [0, 3], [], [2, 5]])
     assert image_concepts(table).concept_ids == [[0, 2, 3, 5], [0, 2, 3, 5], [], [0, 2, 3, 5]]
-
-
-# --- transductive completion ------------------------------------------------------------------------------------
-
-
-def test_image_windows_are_centred_and_kept_inside() -> None:
-    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])  # image 0 is every caption's best
-    assert image_windows(scores, 3) == [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 3, 4]]
-
-
-def test_text_neighbours_are_nearest_first() -> None:
-    vectors = l2norm(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]))
-    assert text_neighbours(vectors, 2) == [[0, 1], [1, 0], [2, 3], [3, 2]]
-
-
-def test_completion_joins_shared_neighbours_or_falls_back() -> None:
-    """Image 0 ranks the captions 0, 1, 2, 3, 4 and is the best image of captions 0-3 (windows of 3: [0, 1, 2],
-    [0, 1, 2], [1, 2, 3], [2, 3, 4]); image 1 ranks 4, 0, 1 first and is caption 4's best (window [4, 0, 1]).
-    Text neighbours (k = 3): [0, 1, 2], [1, 0, 2], [2, 1, 3], [3, 4, 2], [4, 3, 2]. Captions 0-3 share all three
-    with their window; caption 4 shares only itself, so it falls back to its first text neighbour plus its window."""
-    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.1], [0.5, 0.4, 0.0, 0.0, 0.9]])
-    vectors = l2norm(torch.tensor([[1.0, 0.0], [0.95, 0.05], [0.6, 0.4], [0.3, 0.7], [0.2, 1.0]]))
-    assert text_neighbours(vectors, 3) == [[0, 1, 2], [1, 0, 2], [2, 1, 3], [3, 4, 2], [4, 3, 2]]
-    assert image_windows(scores, 3) == [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [4, 0, 1]]
-    completion = ConceptCompletion(text_neighbours=3, image_window=3, min_shared=3, fallback_text=1)
-    labels = [[10], [11], [12], [13], [14, 20]]
-    completed = completion.complete(scores, vectors, labels)
-    assert completed == [[10, 11, 12], [10, 11, 12], [11, 12, 13], [12, 13, 14, 20], [10, 11, 14, 20]]
-    strict = ConceptCompletion(text_neighbours=3, image_window=3, min_shared=4, fallback_text=2)
-    assert strict.complete(scores, vectors, labels)[0] == [10, 11, 12]  # fallback [0, 1] + window [0, 1, 2]
-    assert strict.complete(scores, vectors, labels)[3] == [12, 13, 14, 20]  # [3, 4] + [2, 3, 4]

@@ -6,11 +6,11 @@ The layers, top to bottom:
     2. itm.compare
     3. itm.report, itm.figures, itm.search
     4. itm.train, itm.detect
-    5. itm.evaluate, itm.pair_attention
+    5. itm.evaluate, itm.pair_attention, itm.published
     6. itm.models
     7. itm.data
     8. itm.stage_runner
-    9. itm.config, itm.distributed, itm.tracking, itm.atomic, itm.device
+    9. itm.config, itm.distributed, itm.tracking, itm.atomic, itm.device, itm.safe_load
     10. itm.launch
     11. itm.errors
 
@@ -36,11 +36,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("itm.compare",),
     ("itm.report", "itm.figures", "itm.search"),
     ("itm.train", "itm.detect"),
-    ("itm.evaluate", "itm.pair_attention"),
+    ("itm.evaluate", "itm.pair_attention", "itm.published"),
     ("itm.models",),
     ("itm.data",),
     ("itm.stage_runner",),
-    ("itm.config", "itm.distributed", "itm.tracking", "itm.atomic", "itm.device"),
+    ("itm.config", "itm.distributed", "itm.tracking", "itm.atomic", "itm.device", "itm.safe_load"),
     ("itm.launch",),
     ("itm.errors",),
 )

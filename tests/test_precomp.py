@@ -76,7 +76,7 @@ def test_flickr_features_round_trip(flickr, tmp_path: Path) -> None:
         store = RegionStore(tmp_path / "regions" / split)
         assert store.info == {
             "feature_dim": DIM, "images": len(split_records), "boxes": len(split_records) * BOXES,
-            "source": "precomp", "precomp_dir": str(precomp), "scan_split": scan_split,
+            "source": "precomp", "precomp_dir": str(precomp), "layout": "scan", "scan_split": scan_split,
         }  # fmt: skip
         rows = {r.imgid: i for i, r in enumerate(split_records)}
         _assert_matches(store, split_records, precomp / f"{scan_split}_ims.npy", rows)

@@ -91,3 +91,19 @@ def test_training_curves_take_every_matchers_history(tmp_path: Path) -> None:
         assert image.format == "PNG" and image.width > image.height > 300
     with pytest.raises(ValueError, match="no training histories"):
         training_curves({}, tmp_path / "none.png")
+
+
+def test_each_row_says_whether_its_test_labels_used_other_test_captions(tmp_path: Path) -> None:
+    metrics, models = tmp_path / "metrics", tmp_path / "models"
+    metrics.mkdir()
+    _save(models, "plain", "vsepp"), _save(models, "completed", "scan")  # what the metrics say decides
+    (metrics / "plain.json").write_text(json.dumps(_recalls("test", 10.0)))
+    (metrics / "completed.json").write_text(json.dumps(_recalls("test", 20.0) | {"test/transductive_concepts": 1.0}))
+    (metrics / "both.json").write_text(json.dumps(_recalls("test", 30.0)))
+    entries = read_entries(metrics, models, ["plain", "completed"], {"both": ["plain", "completed"]})
+    table = comparison_table(entries)
+    assert list(table["evaluation"]) == ["fair", "transductive (CVSE completion)", "transductive (CVSE completion)"]
+    rows = [line for line in comparison_markdown(table).splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| model | type | kind | evaluation |")
+    assert rows[1].startswith("| plain | single | vsepp | fair |")
+    assert rows[2].startswith("| completed | single | scan | transductive (CVSE completion) |")

@@ -4,6 +4,10 @@ Retrieval results are only comparable across papers on the same splits, so capti
 Karpathy's `dataset_{flickr30k,coco}.json` and the images from the datasets' own archives. The output has the
 normalised layout of `itm.data.records`: `dataset.json` beside an `images/` folder, COCO's `restval` folded into
 `train`, and the same number of captions for every image.
+
+With precomputed region features (`regions.source: precomp`) the images are not needed for training or evaluation,
+and Flickr30K's are only had through a request form: when no image archive is set, only the split file is fetched
+and the output is `dataset.json` alone (a captions-only download; the figures that need pixels are then skipped).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,38 +97,69 @@ def prepare_karpathy(
     retries: int,
     backoff_seconds: float,
     timeout_seconds: float,
+    precomputed_regions: bool = False,
+    pixel_matchers: Sequence[str] = (),
 ) -> None:
     """Fetch `dataset`'s split file and image archives and write `out_dir/dataset.json` and `out_dir/images/`.
 
     Downloads go to `cache_dir` and are reused from there. `out_dir` appears (or is replaced) only when every
-    image of the split file was found in the archives; on any failure it is left as it was.
+    image of the split file was found in the archives; on any failure it is left as it was. With
+    `precomputed_regions` and no image archive set, only the split file is fetched and `out_dir` holds
+    `dataset.json` alone, unless a matcher of `pixel_matchers` (those that read the images themselves) needs them.
     """
-    _check_sources(name, dataset)
+    with_images = _check_sources(name, dataset, precomputed_regions, pixel_matchers)
     options = {"retries": retries, "backoff_seconds": backoff_seconds, "timeout_seconds": timeout_seconds}
     records = _load_records(dataset, cache_dir, options)
-    archives = [(_fetch(archive, cache_dir, options), archive.strip_prefix) for archive in dataset.images]
+    fetched = dataset.images if with_images else ()
+    archives = [(_fetch(archive, cache_dir, options), archive.strip_prefix) for archive in fetched]
     with staged_dir(out_dir) as staging:
-        images_dir = staging / IMAGES_DIR
-        extracted = []
-        for path, strip_prefix in archives:
-            extracted += extract(path, images_dir, strip_prefix=strip_prefix)
-        _check_images(name, records, images_dir, extracted)
+        if with_images:
+            images_dir = staging / IMAGES_DIR
+            extracted = []
+            for path, strip_prefix in archives:
+                extracted += extract(path, images_dir, strip_prefix=strip_prefix)
+            _check_images(name, records, images_dir, extracted)
         write_dataset_json(staging / DATASET_JSON, name, records)
     counts = Counter(record.split for record in records)
-    log.info("%s: %s images in %s", name, ", ".join(f"{split} {counts[split]}" for split in SPLITS), out_dir)
+    contents = "images" if with_images else "images' captions (no image files)"
+    log.info("%s: %s %s in %s", name, ", ".join(f"{split} {counts[split]}" for split in SPLITS), contents, out_dir)
 
 
-def _check_sources(name: str, dataset: KarpathyDataset) -> None:
-    """Fail before any download if a source is not set in params.yaml."""
+def _check_sources(
+    name: str, dataset: KarpathyDataset, precomputed_regions: bool, pixel_matchers: Sequence[str]
+) -> bool:
+    """Fail before any download if a needed source is not set in params.yaml; returns whether to fetch the images.
+
+    The image archives may all stay unset when the regions come precomputed, unless a matcher reads the images.
+    """
     if dataset.karpathy.source is None:
         raise UserError(f"params.yaml: datasets.{name}.karpathy.source is not set (Karpathy's caption_datasets.zip)")
-    for index, archive in enumerate(dataset.images):
-        if archive.source is None:
-            where = f" (request it at {FLICKR30K_REQUEST_FORM})" if dataset.kind == "flickr30k" else ""
+    unset = [index for index, archive in enumerate(dataset.images) if archive.source is None]
+    if not unset:
+        return True
+    where = f" (request it at {FLICKR30K_REQUEST_FORM})" if dataset.kind == "flickr30k" else ""
+    if precomputed_regions and len(unset) == len(dataset.images):
+        if pixel_matchers:
             raise UserError(
-                f"params.yaml: datasets.{name}.images[{index}].source is not set: "
-                f"give the URL or local path of the image archive{where}"
+                f"params.yaml: matchers.{pixel_matchers[0]} reads the images themselves (backbone: open_clip), but "
+                f"datasets.{name}.images[0].source is not set, and with regions.source: precomp only captions are "
+                f"downloaded: give the URL or local path of the image archive{where}, or use backbone: own"
             )
+        log.info(
+            "%s: regions.source is precomp and no image archive is set: fetching captions and splits only "
+            "(the figures that need the images will be skipped)",
+            name,
+        )
+        return False
+    hint = (
+        "; or unset every images[].source to download captions only (regions.source is precomp)"
+        if precomputed_regions
+        else "; or use regions.source: precomp with SCAN's precomputed features, which needs captions only"
+    )
+    raise UserError(
+        f"params.yaml: datasets.{name}.images[{unset[0]}].source is not set: "
+        f"give the URL or local path of the image archive{where}{hint}"
+    )
 
 
 def _fetch(remote: RemoteFile, cache_dir: Path, options: dict[str, Any]) -> Path:

@@ -1,19 +1,32 @@
-"""Import SCAN's precomputed bottom-up features (kuanghuei/SCAN `data/{f30k,coco}_precomp/`) into the region store.
+"""Import precomputed bottom-up features, as SCAN released them, into the region store.
 
-A SCAN split is three files: `{split}_ims.npy` float32 [N_img, 36, D], `{split}_caps.txt` (5 consecutive captions
-per image, in image order) and `{split}_ids.txt` (one id per image or per caption: COCO ids for COCO, indices into
-Karpathy's `dataset_flickr30k.json` images, i.e. our `imgid`, for Flickr30K). Our `val` comes from SCAN's `dev` and
+The features are SCAN's (kuanghuei/SCAN); mirrors ship them in one of two layouts, and `precomp_dir` may name:
+
+- SCAN's folder `data/f30k_precomp/` (or `coco_precomp/`) holding the split files directly;
+- VSE∞'s dataset folder `data/f30k/` (or `coco/`, its `--data_path`) holding the split files in `precomp/` and
+  `id_mapping.json` beside `precomp/`; or that `precomp/` folder itself (woodfrog/vse_infty @29df9d6, README "Data"
+  and `lib/datasets/image_caption.py`, which reads `<data_path>/precomp/{split}_caps.txt`, `{split}_ids.txt`,
+  `{split}_ims.npy` and `<data_path>/id_mapping.json`).
+
+Not SCAN's data root `data/` holding several `*_precomp/` folders: which one is meant is the user's to say, and the
+error names the folders found. A split is three files: `{split}_ims.npy` float32 [N_img, 36, D], `{split}_caps.txt`
+(5 consecutive captions per image, in image order) and `{split}_ids.txt` (one id per image or per caption: COCO ids
+for COCO, indices into Karpathy's `dataset_flickr30k.json` images, i.e. our `imgid`, for Flickr30K). VSE∞'s
+`id_mapping.json` maps the same ids to image file names ({"0": "1000092795.jpg", ...} for Flickr30K); only its loader
+of raw images reads it, so it is optional here, and when present every imported image's file name must agree with
+`dataset.json`, which catches features indexed against another split file. Our `val` comes from the `dev` split and
 our `test` from `testall` when present (COCO's 5,000 test images; its `test` is only the first 1,000).
 
-Every split is checked before anything is written, so a missing image fails in seconds rather than after the
-33 GB of COCO train; features are then copied image by image from the memory-mapped array.
+Every file is checked before anything is written, so a missing one fails in seconds rather than after the 33 GB of
+COCO train; features are then copied image by image from the memory-mapped array.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
@@ -27,11 +40,42 @@ from itm.errors import UserError
 log = logging.getLogger(__name__)
 
 IdField = Literal["imgid", "source_id"]
+LayoutKind = Literal["scan", "vse_infty"]
 
 CAPTIONS_PER_IMAGE = 5
 # Our split <- the first SCAN split whose files exist.
 SCAN_SPLITS: dict[Split, tuple[str, ...]] = {"train": ("train",), "val": ("dev",), "test": ("testall", "test")}
+SPLIT_FILES = ("ims.npy", "caps.txt", "ids.txt")  # {scan_split}_{suffix}
+VSE_FOLDER = "precomp"  # VSE∞: <data>/<f30k|coco>/precomp/
+ID_MAPPING = "id_mapping.json"  # VSE∞: <data>/<f30k|coco>/id_mapping.json, id -> image file name
 _EXAMPLES = 5  # ids quoted in an error message
+_NAMES: dict[LayoutKind, str] = {"scan": "SCAN's layout", "vse_infty": "VSE∞'s layout"}
+_FOLDERS: dict[LayoutKind, str] = {
+    "scan": "data/<f30k|coco>_precomp/ holding {split}_ims.npy, {split}_caps.txt, {split}_ids.txt",
+    "vse_infty": "data/<f30k|coco>/precomp/ holding {split}_ims.npy, {split}_caps.txt, {split}_ids.txt, with "
+    "id_mapping.json beside precomp/",
+}
+
+
+@dataclass(frozen=True)
+class PrecompLayout:
+    """Where a release's files are: the folder of the split files, and VSE∞'s id mapping when there is one."""
+
+    kind: LayoutKind
+    files_dir: Path  # holds {split}_ims.npy, {split}_caps.txt, {split}_ids.txt
+    id_mapping: Path | None  # id_mapping.json: SCAN id -> image file name (VSE∞), when present
+
+    @property
+    def name(self) -> str:
+        return _NAMES[self.kind]
+
+    @property
+    def expected(self) -> str:
+        """The layout as an error message states it."""
+        return f"{self.name}: {_FOLDERS[self.kind]}"
+
+    def file(self, scan_split: str, suffix: str) -> Path:
+        return self.files_dir / f"{scan_split}_{suffix}"
 
 
 @dataclass(frozen=True)
@@ -49,22 +93,32 @@ class SplitPlan:
 
 
 def import_precomp(precomp_dir: Path, dataset_json: Path, out_dir: Path, *, id_field: IdField) -> dict[str, int]:
-    """Write `out_dir/{train,val,test}/` from SCAN's precomputed features; returns image/box counts per split.
+    """Write `out_dir/{train,val,test}/` from precomputed features in either layout; returns image/box counts per
+    split.
 
-    `id_field` names the record attribute that SCAN's ids refer to: `source_id` (COCO ids) for COCO, `imgid`
-    (Karpathy indices) for Flickr30K. Every record must be found in its SCAN split; SCAN images outside our split
-    are skipped. Nothing is left under `out_dir` if any check fails.
+    `id_field` names the record attribute that the release's ids refer to: `source_id` (COCO ids) for COCO,
+    `imgid` (Karpathy indices) for Flickr30K. Every record must be found in its SCAN split; SCAN images outside our
+    split are skipped. Nothing is left under `out_dir` if any check fails.
     """
+    layout = find_layout(precomp_dir)
+    scan_splits = {split: check_split_files(layout, split) for split in SPLITS}  # every file, before reading any
+    file_names = read_id_mapping(layout.id_mapping) if layout.id_mapping else None
+    checked = f"image file names checked against {layout.id_mapping}" if layout.id_mapping else "no id_mapping.json"
+    log.info("%s: %s, split files in %s, %s", precomp_dir, layout.name, layout.files_dir, checked)
     records = sorted(read_dataset_json(dataset_json), key=lambda record: record.imgid)
-    plans = [plan_split(precomp_dir, split, [r for r in records if r.split == split], id_field) for split in SPLITS]
+    plans = [
+        plan_split(layout, split, scan_splits[split], [r for r in records if r.split == split], id_field, file_names)
+        for split in SPLITS
+    ]
     dims = {plan.feature_dim for plan in plans}
     if len(dims) > 1:
         found = ", ".join(f"{plan.scan_split}: {plan.feature_dim}" for plan in plans)
-        raise UserError(f"{precomp_dir}: the SCAN splits have different feature dimensions ({found})")
+        raise UserError(f"{layout.files_dir}: the SCAN splits have different feature dimensions ({found})")
     summary: dict[str, int] = {}
     with staged_dir(out_dir) as staging:
         for plan in plans:
-            info = {"source": "precomp", "precomp_dir": str(precomp_dir), "scan_split": plan.scan_split}
+            info = {"source": "precomp", "precomp_dir": str(precomp_dir), "layout": layout.kind,
+                    "scan_split": plan.scan_split}  # fmt: skip
             write_split(plan, staging / plan.split, info)
             summary |= {
                 f"{plan.split}/images": len(plan.records),
@@ -74,32 +128,129 @@ def import_precomp(precomp_dir: Path, dataset_json: Path, out_dir: Path, *, id_f
     return summary
 
 
-def plan_split(precomp_dir: Path, split: Split, records: list[ImageRecord], id_field: IdField) -> SplitPlan:
-    """Check one SCAN split against our records and find each record's SCAN row (reads ids and captions only)."""
-    scan_split = _scan_split(precomp_dir, split)
-    ims_path = precomp_dir / f"{scan_split}_ims.npy"
+def find_layout(precomp_dir: Path) -> PrecompLayout:
+    """The layout `precomp_dir` follows: VSE∞'s dataset folder (it holds `precomp/`), VSE∞'s `precomp/` folder, or
+    otherwise SCAN's `*_precomp/` folder."""
+    if not precomp_dir.is_dir():
+        raise UserError(
+            f"{precomp_dir}: regions.precomp_dir is not a folder (expected SCAN's {_FOLDERS['scan']}; "
+            f"or VSE∞'s {_FOLDERS['vse_infty']}; or VSE∞'s data/<f30k|coco>/ itself)"
+        )
+    if (precomp_dir / VSE_FOLDER).is_dir():
+        files_dir, dataset_root = precomp_dir / VSE_FOLDER, precomp_dir
+    elif precomp_dir.name == VSE_FOLDER:
+        files_dir, dataset_root = precomp_dir, precomp_dir.parent
+    else:
+        _refuse_data_root(precomp_dir)
+        mapping = precomp_dir / ID_MAPPING  # not SCAN's, but a mirror may have added VSE∞'s
+        return PrecompLayout("scan", precomp_dir, mapping if mapping.is_file() else None)
+    mappings = [path for path in (dataset_root / ID_MAPPING, files_dir / ID_MAPPING) if path.is_file()]
+    return PrecompLayout("vse_infty", files_dir, mappings[0] if mappings else None)
+
+
+def _refuse_data_root(folder: Path) -> None:
+    """A folder with no split files but release folders inside is a data root: name the folders to choose from."""
+    if any(folder.glob("*_ims.npy")):
+        return
+    inside = sorted(
+        child.name + "/"
+        for child in folder.iterdir()
+        if child.is_dir() and (child.name.endswith("_precomp") or (child / VSE_FOLDER).is_dir())
+    )
+    if inside:
+        raise UserError(
+            f"{folder}: holds no split files but the release folders {', '.join(inside)}: "
+            f"set regions.precomp_dir to the one of this dataset, e.g. {folder / inside[0]}"
+        )
+
+
+def check_split_files(layout: PrecompLayout, split: Split) -> str:
+    """The SCAN split that fills ours (the first candidate whose `_ims.npy` exists), once its three files are
+    found."""
+    candidates = SCAN_SPLITS[split]
+    found = [scan_split for scan_split in candidates if layout.file(scan_split, "ims.npy").is_file()]
+    if not found:
+        names = " or ".join(f"{scan_split}_ims.npy" for scan_split in candidates)
+        raise UserError(f"{layout.files_dir}: no {names} for our {split} split ({layout.expected})")
+    for suffix in SPLIT_FILES:
+        path = layout.file(found[0], suffix)
+        if not path.is_file():
+            raise UserError(f"{path}: not found, needed for our {split} split ({layout.expected})")
+    return found[0]
+
+
+def read_id_mapping(path: Path) -> dict[int, str]:
+    """VSE∞'s `id_mapping.json`: {"<id>": "<image file name>"} with the ids of `{split}_ids.txt`."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(document, dict):
+            raise TypeError(f"a mapping of ids to file names, not a {type(document).__name__}")
+        return {int(key): str(name) for key, name in document.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: not a readable id -> file name mapping ({type(error).__name__}: {error})") from None
+
+
+def plan_split(
+    layout: PrecompLayout,
+    split: Split,
+    scan_split: str,
+    records: list[ImageRecord],
+    id_field: IdField,
+    file_names: dict[int, str] | None = None,
+) -> SplitPlan:
+    """Check one SCAN split against our records and find each record's SCAN row (reads ids and captions only);
+    with `file_names` (VSE∞'s id mapping), each record's image file name must be the one its id maps to."""
+    ims_path = layout.file(scan_split, "ims.npy")
     ims = load_ims(ims_path)
     n_images = ims.shape[0]
-    ids = read_ids(precomp_dir / f"{scan_split}_ids.txt", n_images)
-    captions = read_captions(precomp_dir / f"{scan_split}_caps.txt", n_images)
+    ids_path = layout.file(scan_split, "ids.txt")
+    ids = read_ids(ids_path, n_images)
+    captions = read_captions(layout.file(scan_split, "caps.txt"), n_images)
 
     row_of: dict[int, int] = {}
     for row, scan_id in enumerate(ids):
         row_of.setdefault(scan_id, row)  # a repeated id keeps its first row
-    keys = [_record_key(record, id_field, precomp_dir) for record in records]
+    keys = [_record_key(record, id_field, layout.files_dir) for record in records]
     missing = [key for key in keys if key not in row_of]
     if missing:
         examples = ", ".join(str(key) for key in missing[:_EXAMPLES])
         raise UserError(
             f"{split}: {len(missing)} of {len(records)} images are not in SCAN's {scan_split} split "
-            f"({precomp_dir / f'{scan_split}_ids.txt'}), e.g. {id_field} {examples}"
+            f"({ids_path}), e.g. {id_field} {examples}"
         )
+    if file_names is not None:
+        _check_file_names(layout, file_names, split, records, keys, id_field)
     rows = [row_of[key] for key in keys]
     skipped = n_images - len(set(rows))
     if skipped:
         log.info("%s: %d images of SCAN's %s are not in our split; skipped", split, skipped, scan_split)
     _warn_caption_differences(split, scan_split, records, [captions[row] for row in rows])
     return SplitPlan(split, scan_split, ims_path, records, rows, int(ims.shape[1]), int(ims.shape[2]), skipped)
+
+
+def _check_file_names(
+    layout: PrecompLayout,
+    file_names: dict[int, str],
+    split: Split,
+    records: list[ImageRecord],
+    keys: list[int],
+    field: IdField,
+) -> None:
+    """Each record's image file must be the one the id mapping names (folders aside: COCO's dataset.json keeps
+    train2014/ or val2014/ in the file name)."""
+    differing = [
+        (key, record.filename, file_names.get(key))
+        for record, key in zip(records, keys, strict=True)
+        if PurePosixPath(file_names.get(key, "")).name != PurePosixPath(record.filename).name
+    ]
+    if differing:
+        key, ours, theirs = differing[0]
+        there = f"{theirs!r} there" if theirs is not None else "absent there"
+        raise UserError(
+            f"{layout.id_mapping}: {len(differing)} of {len(records)} {split} images have another file name than in "
+            f"dataset.json, e.g. {field} {key}: {there}, {ours!r} in dataset.json (were the features made with "
+            "another split file?)"
+        )
 
 
 def write_split(plan: SplitPlan, folder: Path, info: dict[str, str]) -> None:
@@ -182,16 +333,6 @@ def _read_lines(path: Path) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]
-
-
-def _scan_split(precomp_dir: Path, split: Split) -> str:
-    """The SCAN split that fills ours: the first candidate whose `_ims.npy` exists."""
-    candidates = SCAN_SPLITS[split]
-    for scan_split in candidates:
-        if (precomp_dir / f"{scan_split}_ims.npy").is_file():
-            return scan_split
-    expected = " or ".join(f"{scan_split}_ims.npy" for scan_split in candidates)
-    raise UserError(f"{precomp_dir}: no {expected} for our {split} split (expected SCAN's *_precomp layout)")
 
 
 def _record_key(record: ImageRecord, id_field: IdField, precomp_dir: Path) -> int:

@@ -73,6 +73,12 @@ def write_dataset_json(path: Path, dataset: str, records: Sequence[ImageRecord])
         tmp.write_text(json.dumps(to_karpathy(dataset, records), ensure_ascii=False), encoding="utf-8")
 
 
+def has_image_files(dataset_dir: Path) -> bool:
+    """Whether the dataset's images are there (`images/` beside `dataset.json`). A captions-only download has none:
+    the download stage fetches only the split file when the regions come precomputed and no image archive is set."""
+    return (dataset_dir / IMAGES_DIR).is_dir()
+
+
 def read_dataset_json(path: Path) -> list[ImageRecord]:
     """Read a normalised `dataset.json` written by `write_dataset_json`."""
     if not path.is_file():

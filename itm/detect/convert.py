@@ -18,12 +18,9 @@ with an unpickler that only builds numpy arrays and plain containers, torch file
 
 from __future__ import annotations
 
-import importlib
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +30,7 @@ from torch import Tensor
 from itm.config import DetectorArchitecture
 from itm.detect.model import BottomUpDetector, build_detector, caffe_anchors
 from itm.errors import UserError
+from itm.safe_load import load_pickle, load_torch
 
 Layout = Literal["detectron2", "milvlg"]
 BoxWeights = tuple[float, float, float, float]
@@ -95,62 +93,12 @@ class ConvertedCheckpoint:
 # --- reading --------------------------------------------------------------------------------------------------------
 
 
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
-def _numpy_core(submodule: str) -> ModuleType:
-    # numpy 2 moved numpy.core to numpy._core; pickles name whichever numpy wrote them.
-    try:
-        return importlib.import_module(f"numpy._core.{submodule}")
-    except ImportError:
-        return importlib.import_module(f"numpy.core.{submodule}")
-
-
-_NUMPY_CORE_GLOBALS = {("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")}
-_PLAIN_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode")}
-_PLAIN_GLOBALS |= {("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "slice")}
-_PLAIN_GLOBALS |= {("builtins", name) for name in ("int", "float", "complex", "bool", "str", "bytes", "bytearray")}
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Builds numpy arrays, numpy scalars and plain containers; refuses every other global a pickle names.
-
-    `_codecs.encode` is how protocol-2 pickles written by Python 3 carry bytes (a numpy array's raw data).
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        for prefix in ("numpy.core.", "numpy._core."):
-            submodule = module.removeprefix(prefix)
-            if module.startswith(prefix) and (submodule, name) in _NUMPY_CORE_GLOBALS:
-                return getattr(_numpy_core(submodule), name)
-        if ("builtins" if module == "__builtin__" else module, name) in _PLAIN_GLOBALS:
-            return super().find_class(module, name)
-        raise _RefusedGlobal(f"{module}.{name}")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
 def _load_torch(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # an untrusted file can fail in many ways (zip, pickle, refused global)
-        raise UserError(f"{path}: not a loadable torch weights file ({_first_line(error)})") from None
+    return load_torch(path, stand_ins={}, what="torch weights file")
 
 
 def _load_pickle(path: Path) -> Any:
-    try:
-        with path.open("rb") as stream:
-            return _ArrayUnpickler(stream, encoding="latin1").load()  # latin1: Python 2 pickles of numpy arrays
-    except _RefusedGlobal as refused:
-        raise UserError(
-            f"{path}: refused to load `{refused}` from the pickle (only numpy arrays and plain containers are allowed)"
-        ) from None
-    except Exception as error:  # the pickle docs list AttributeError, EOFError, ImportError, IndexError and more
-        raise UserError(f"{path}: not a readable weights pickle ({_first_line(error)})") from None
+    return load_pickle(path, stand_ins={}, what="weights pickle")
 
 
 def _as_tensor(path: Path, name: str, value: Any) -> Tensor:

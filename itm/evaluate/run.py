@@ -42,10 +42,10 @@ def evaluate_matcher(
     rank 0 alone writes the matrix.
 
     A concept-aware matcher labels each test caption with the concepts of its own words, completed transductively
-    from neighbouring test captions when `completion` is given; its metrics then include
-    `test/transductive_concepts` (1 or 0) to say which was used. A matcher that reads pixels reads the test
-    images from `data.dataset_dir` (data/raw/<dataset>). `run_id` (the evaluation's MLflow run) is saved with the
-    matrix so that the comparison can link to the run.
+    from neighbouring test captions when `completion` is given (CVSE's protocol; `completion.rule` names its
+    dataset rule); its metrics then include `test/transductive_concepts` (1 or 0) to say which was used. A matcher
+    that reads pixels reads the test images from `data.dataset_dir` (data/raw/<dataset>). `run_id` (the
+    evaluation's MLflow run) is saved with the matrix so that the comparison can link to the run.
     """
     matcher, _ = load_matcher(model_dir, device, data)
     test = data.split("test", matcher.reads)

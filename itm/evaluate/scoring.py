@@ -34,7 +34,7 @@ from itm.data.loaders import CaptionTable, pad_captions
 from itm.data.pixels import ImageStore
 from itm.device import autocast, check_precision, running_precision
 from itm.distributed import SINGLE_PROCESS, Context, all_gather_cat, all_gather_padded, broadcast_object, shard_range
-from itm.evaluate.completion import ConceptCompletion
+from itm.evaluate.completion import ConceptCompletion, window_scores
 from itm.models.base import Encoded, Matcher
 
 
@@ -57,7 +57,7 @@ class Scored:
     matrix: Tensor  # [n_images, n_captions] float32 on the CPU
     score_seconds: float
     encode_seconds: float | None
-    completion_seconds: float | None = None  # transductive concept completion (first pass and re-encoding)
+    completion_seconds: float | None = None  # concept completion: the first caption encoding and the neighbours
 
 
 IMAGE_CHUNK, CAPTION_CHUNK = 256, 1024  # `score_split`'s blocks: images x captions scored by one `matcher.score`
@@ -180,8 +180,9 @@ def score_split(
     """Every image of `captions` (rows in first-appearance order) against every caption (columns in file order).
 
     With `completion` (for a concept-aware matcher), the captions' concept labels are completed transductively from
-    a first scoring pass, the captions re-encoded and scored again. Returns the scored matrix, the image id of each
-    row, and each caption's row [n_captions]. With several processes (`context`), every rank takes part in each
+    a first encoding of the captions (CVSE `label_complete`), the captions re-encoded and then scored; the extra
+    cost (the first encoding and the neighbours) is `completion_seconds`. Returns the scored matrix, the image id of
+    each row, and each caption's row [n_captions]. With several processes (`context`), every rank takes part in each
     step and returns the same results.
     """
     check_precision(precision)  # before the encoding, not after it
@@ -199,15 +200,15 @@ def score_split(
                             device=device, precision=precision, context=context)  # fmt: skip
 
     texts = encode(captions.concept_ids)
-    scored = score(texts)
-    if completion is not None and matcher.n_concepts > 0:
-        if captions.concept_ids is None or texts.pooled is None:
-            raise ValueError("concept completion needs the captions' concept labels and pooled caption vectors")
+    if completion is None or matcher.n_concepts == 0:
+        scored = score(texts)
+    else:
+        if captions.concept_ids is None or texts.pooled is None or images.pooled is None:
+            raise ValueError("concept completion needs the captions' concept labels and pooled (fused) vectors")
         started = time.perf_counter()
-        completed = _complete(completion, scored.matrix, texts.pooled, captions.concept_ids, context)
-        texts = encode(completed)
-        spent = scored.score_seconds + _slowest(time.perf_counter() - started, context)
-        scored = dataclasses.replace(score(texts), completion_seconds=spent)
+        completed = _complete(completion, images.pooled, texts.pooled, captions.concept_ids, context)
+        spent = texts.seconds + _slowest(time.perf_counter() - started, context)
+        scored = dataclasses.replace(score(encode(completed)), completion_seconds=spent)
     caption_image = torch.tensor([row[int(i)] for i in captions.image_ids])
     return scored, image_ids, caption_image
 
@@ -328,12 +329,18 @@ def _gather_columns(mine: Tensor, context: Context) -> Tensor:
 
 
 def _complete(
-    completion: ConceptCompletion, scores: Tensor, vectors: Tensor, labels: Sequence[Sequence[int]], context: Context
+    completion: ConceptCompletion,
+    image_vectors: Tensor,
+    caption_vectors: Tensor,
+    labels: Sequence[Sequence[int]],
+    context: Context,
 ) -> list[list[int]]:
-    """The completed concept labels of every caption, computed by rank 0 and sent to the others, so that every rank
-    re-encodes the very same labels (ranks with other thread counts might break a tie between neighbours otherwise).
-    """
-    completed = completion.complete(scores, vectors, labels) if context.is_main else None
+    """The completed concept labels of every caption, its image window picked by the fused vectors' cosine as in
+    CVSE (`window_scores`), computed by rank 0 and sent to the others, so that every rank re-encodes the very same
+    labels (ranks with other thread counts might break a tie between neighbours otherwise)."""
+    completed = None
+    if context.is_main:
+        completed = completion.complete(window_scores(image_vectors, caption_vectors), caption_vectors, labels)
     return cast(list[list[int]], broadcast_object(completed, context))
 
 

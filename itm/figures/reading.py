@@ -47,7 +47,10 @@ def caption_batch(matcher: Matcher, table: CaptionTable, row: int) -> Captions:
 
 
 def token_labels(matcher: Matcher, card: dict, data: DataFolders, token_ids: Sequence[int]) -> list[str]:
-    """One label per token id: the pipeline vocabulary's words, or the matcher's own (open_clip) tokens."""
+    """One label per token id: the pipeline vocabulary's words, the matcher's own vocabulary's (a published model's),
+    or its own (open_clip) tokens."""
+    if matcher.vocab is not None:
+        return matcher.vocab.decode(token_ids)
     if matcher.tokenizer is None:
         return data.vocab.decode(token_ids)
     import open_clip  # only a matcher with its own tokenizer (open_clip backbone) gets here

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from itm import distributed
 from itm.data.batches import Captions, Images, PixelSpec, Tokenizer
 from itm.data.splits import Reads
+from itm.data.vocab import Vocab
 from itm.distributed import Context
 
 
@@ -114,8 +115,10 @@ class Matcher(nn.Module):
     `n_concepts` > 0 declares that the text encoder reads `Captions.concepts` over that many concepts, so data
     loaders attach them. `pixels` declares that the image encoder reads `Pixels` (prepared as the spec says)
     instead of bottom-up `Regions`; `tokenizer` that the text encoder reads its own token ids of the caption
-    text instead of the pipeline vocabulary's. A loss may define `end_epoch() -> {name: value}`, called after each
-    training epoch (e.g. to re-weight its terms); what it returns is logged with the epoch's metrics.
+    text instead of the pipeline vocabulary's; `vocab` (set by `use_vocabulary`) that its word ids are those of its
+    own vocabulary (a published model's), which tokenises the caption text as the model was trained. A loss may
+    define `end_epoch() -> {name: value}`, called after each training epoch (e.g. to re-weight its terms); what it
+    returns is logged with the epoch's metrics.
     """
 
     def __init__(
@@ -137,6 +140,13 @@ class Matcher(nn.Module):
         self.n_concepts = n_concepts
         self.pixels = pixels
         self.tokenizer = tokenizer
+        self.vocab: Vocab | None = None
+
+    def use_vocabulary(self, vocab: Vocab) -> None:
+        """Read captions through `vocab` (a published model's own), tokenised as it says, instead of the pipeline's."""
+        if self.tokenizer is not None and self.vocab is None:
+            raise ValueError("this matcher reads its own tokenizer's ids; it has no word vocabulary to replace")
+        self.vocab, self.tokenizer = vocab, vocab.encode_text
 
     @property
     def reads(self) -> Reads:

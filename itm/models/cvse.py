@@ -8,16 +8,27 @@ ground-truth concepts with weight β (image-level labels in training, the captio
 Retrieval scores S = w cos(fused) + (1 − w) cos(consensus). Formulas and defaults: BruceW91/CVSE (methods.md §2.4).
 
 Where this differs from CVSE's code, on purpose:
-- CVSE's visual attention normalises with BatchNorm1d(36) over region *slots* (hard-wired to 36 regions); here
-  BatchNorm runs over the embedding features of the real regions only, so any region count works and padding is
-  ignored;
+- CVSE's visual attention normalises with BatchNorm1d(36) over region *slots* (hard-wired to 36 regions); here, by
+  default (`region_norm: features`), BatchNorm runs over the embedding features of the real regions only, so any
+  region count works and padding is ignored. `region_norm: slots` is CVSE's layout (a BatchNorm1d over
+  `region_slots` slots; an image with another number of regions is refused), which CVSE's weights need;
 - CVSE averages word vectors over the padded length for the textual memory and softmaxes over padding; here both
-  are masked;
+  are masked. Neither changes a score: the memory is L2-normalised, so its scale does not matter, and padded words
+  are zero vectors, so their softmax weights only shrink every real word's weight by one factor per caption, which
+  the L2 normalisation of the pooled vector removes;
 - the `concat` and `adap_sum` fusions work (itm.models.consensus.Fusion);
 - the GCN's inputs are fixed random vectors unless `glove_path` names a GloVe file (CVSE ships GloVe vectors),
   read by the caller (`itm.models.registry.inputs_for_training`);
   word embeddings start random as in SCAN (CVSE loads GloVe for them too);
-- one learning rate for every part (CVSE decays the GCN's by 0.2 instead of 0.1 at its step).
+- one learning rate for every part (CVSE decays the GCN's by 0.2 instead of 0.1 at its step);
+- a caption's concepts are the data's labels (`caption_concepts: labels`: the tokenize stage's concept vocabulary,
+  image-level in training, the caption's own words at retrieval); `caption_concepts: words` is CVSE's test loader
+  for a converted checkpoint: the caption's word ids through the model's own word → concept table (its vocabulary's
+  words and its concept words matched by WordNet noun lemma, itm/train/published/cvse.py), no labels read.
+Everything else at retrieval is CVSE's computation: the region and word encoders, the attention (dropout off),
+`gen_adj`'s D^-½ Aᵀ D^-½ graph, the GCN, the concept scores (BatchNorm with running statistics), the consensus
+embeddings, the weight_sum fusion with the test α, and S = 0.95 cos(fused) + 0.05 cos(consensus); tests/
+test_published_cvse.py checks a converted checkpoint's scores against a transcription of CVSE's code.
 
 MH-CVSE's full text was not available (methods.md §2.5: abstract and a review only). Its choices here:
 - instance attention: `nn.MultiheadAttention` with `heads` heads, each with its own Q/K/V projections, the memory
@@ -78,21 +89,27 @@ class MemoryAttention(nn.Module):
         W_x = Drop(tanh(BN(fc_x x))),  W_m = Drop(tanh(BN(fc_m m))),  a = softmax_N(fc_a(W_x ⊙ W_m)),
         x_inst = l2norm(Σ_n a_n x_n)
 
-    BatchNorm only with `batch_norm` (CVSE: visual side only), over the real fragments' features.
+    BatchNorm only with `batch_norm` (CVSE: visual side only): over the real fragments' features, or with `slots`
+    CVSE's `BatchNorm1d(36)` over the fragment slots (one mean and variance per slot, every item exactly `slots`
+    fragments).
     """
 
-    def __init__(self, embed_dim: int, *, dropout: float, batch_norm: bool) -> None:
+    def __init__(self, embed_dim: int, *, dropout: float, batch_norm: bool, slots: int | None = None) -> None:
         super().__init__()
         self.fragment = nn.Linear(embed_dim, embed_dim)
         self.memory = nn.Linear(embed_dim, embed_dim)
         self.score = nn.Linear(embed_dim, 1)
-        self.fragment_norm = nn.BatchNorm1d(embed_dim) if batch_norm else None
+        self.slots = slots if batch_norm else None
+        self.fragment_norm = nn.BatchNorm1d(self.slots or embed_dim) if batch_norm else None
         self.memory_norm = nn.BatchNorm1d(embed_dim) if batch_norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, fragments: Tensor, mask: Tensor, memory: Tensor) -> Tensor:
         projected = self.fragment(fragments)  # [B, N, E]
-        if self.fragment_norm is not None:
+        if self.fragment_norm is not None and self.slots is not None:
+            _check_slots(mask, self.slots)
+            projected = self.fragment_norm(projected)  # [B, slots, E], normalised per slot (CVSE)
+        elif self.fragment_norm is not None:
             normalised = torch.zeros_like(projected)
             normalised[mask] = self.fragment_norm(projected[mask]).to(projected.dtype)
             projected = normalised
@@ -101,6 +118,18 @@ class MemoryAttention(nn.Module):
         logits = self.score(keys * query[:, None, :]).squeeze(-1).float()  # [B, N]
         weights = F.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)  # [B, N]
         return l2norm((weights[..., None].to(fragments.dtype) * fragments).sum(dim=1))
+
+
+def _check_slots(mask: Tensor, slots: int) -> None:
+    """Refuse a batch whose items do not all have exactly `slots` regions (CVSE's region-slot BatchNorm)."""
+    counts = mask.sum(dim=1)  # [B]
+    wrong = (counts != slots).nonzero()
+    if mask.shape[1] != slots or len(wrong):
+        count = int(counts[wrong[0, 0]]) if len(wrong) else mask.shape[1]
+        raise UserError(
+            f"region_norm 'slots' normalises each of {slots} region slots, but an image has {count} regions: extract "
+            f"exactly {slots} per image (regions.min_boxes = regions.max_boxes = {slots}) or use region_norm 'features'"
+        )
 
 
 class MultiHeadMemoryAttention(nn.Module):
@@ -151,30 +180,49 @@ class ConsensusImageEncoder(nn.Module):
 class ConsensusTextEncoder(nn.Module):
     """Captions (with their concept labels) → instance, consensus and fused embeddings; the textual concept
     distribution is β softmax(s y) + (1 − β) p, the predicted p mixed with the labels y (CVSE `input_modal ==
-    'textual'`)."""
+    'textual'`).
+
+    With `word_concepts` [V] (each word id's concept id, −1 for none) the labels y are the concepts of the
+    caption's own words, looked up there, and `Captions.concepts` is not read (a converted CVSE checkpoint: CVSE
+    labels a test caption by its words' WordNet lemmas, itm/train/published/cvse.py).
+    """
+
+    word_concepts: Tensor | None
 
     def __init__(
         self, words: TextEncoder, attention: InstanceAttention, graph: ConceptGCN, predictor: ConceptPredictor,
-        fusion: Fusion, *, label_ratio: float,
+        fusion: Fusion, *, label_ratio: float, word_concepts: Tensor | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.words, self.attention, self.graph = words, attention, graph
         self.predictor, self.fusion = predictor, fusion
         self.label_ratio = label_ratio
+        self.register_buffer("word_concepts", word_concepts)
 
     def forward(self, captions: Captions) -> Encoded:
-        if captions.concepts is None:
+        if self.word_concepts is not None:
+            labels = self._word_labels(captions)
+        elif captions.concepts is not None:
+            labels = captions.concepts
+        else:
             raise ValueError("a consensus-aware matcher needs the captions' concept labels (Captions.concepts)")
         encoded = self.words(captions)  # unit word vectors [B, L, E]
         memory = l2norm(masked_mean(encoded.local, encoded.mask, dim=1))  # CVSE: the normalised mean of the words
         instance = self.attention(encoded.local, encoded.mask, memory)  # [B, E]
         concepts = self.graph()  # [K, E]
         predicted = self.predictor(instance, concepts).exp()  # [B, K]
-        labels = label_distribution(captions.concepts, self.predictor.smoothing)
+        labels = label_distribution(labels, self.predictor.smoothing)
         probs = self.label_ratio * labels + (1 - self.label_ratio) * predicted
         consensus = consensus_embedding(probs, concepts)
         extras = {"instance": instance, "consensus": consensus, "concept_probs": probs}
         return Encoded(encoded.local, encoded.mask, self.fusion(instance, consensus), extras)
+
+    def _word_labels(self, captions: Captions) -> Tensor:
+        """[B, K] multi-hot: the concepts of the caption's words (padding and words of no concept left out)."""
+        assert self.word_concepts is not None
+        ids = self.word_concepts[captions.tokens].masked_fill(~captions.mask, -1)  # [B, L], -1: no concept
+        n_concepts = self.graph.inputs.shape[0]
+        return F.one_hot(ids + 1, n_concepts + 1).amax(dim=1)[:, 1:].float()  # column 0 collects the -1s
 
 
 # --- scoring and loss ------------------------------------------------------------------------------------------------
@@ -311,24 +359,30 @@ def _build(params: CvseParams, inputs: MatcherInputs, attention: Callable[[bool]
         inputs.vocab_size, params.word_dim, params.embed_dim, bidirectional=params.bidirectional,
         dropout=params.dropout,
     )  # fmt: skip
+    # caption_concepts 'words': the table is the converted checkpoint's (a buffer, loaded with the weights)
+    own_labels = params.caption_concepts == "words"
+    word_concepts = torch.full((inputs.vocab_size,), -1, dtype=torch.int64) if own_labels else None
     text_encoder = ConsensusTextEncoder(
         words, attention(False), graph, ConceptPredictor(params.embed_dim, params.concept_smoothing), fusion(),
-        label_ratio=params.label_ratio,
+        label_ratio=params.label_ratio, word_concepts=word_concepts,
     )  # fmt: skip
     loss = ConsensusLoss(
         params.margin, params.max_violation, params.loss_weights, weighting=params.loss_weighting,
         temperature=params.dwa_temperature,
     )  # fmt: skip
+    # with its own word -> concept table the matcher reads no concept labels of the data
     return Matcher(image_encoder, text_encoder, ConsensusScorer(params.fused_score_weight), loss,
-                   n_concepts=len(concepts))  # fmt: skip
+                   n_concepts=0 if own_labels else len(concepts))  # fmt: skip
 
 
 @register_matcher("cvse")
 def build_cvse(params: CvseParams, inputs: MatcherInputs) -> Matcher:
-    """CVSE with its single-head memory-guided attention (BatchNorm on the visual side, as CVSE)."""
+    """CVSE with its single-head memory-guided attention (BatchNorm on the visual side, as CVSE; over region slots
+    with `region_norm: slots`)."""
+    slots = params.region_slots if params.region_norm == "slots" else None
 
     def attention(batch_norm: bool) -> MemoryAttention:
-        return MemoryAttention(params.embed_dim, dropout=params.dropout, batch_norm=batch_norm)
+        return MemoryAttention(params.embed_dim, dropout=params.dropout, batch_norm=batch_norm, slots=slots)
 
     return _build(params, inputs, attention)
 

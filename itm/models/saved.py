@@ -19,6 +19,7 @@ from itm.atomic import staged_file, write_json
 from itm.config import MatcherParams
 from itm.data.concepts import Concepts
 from itm.data.splits import DataFolders
+from itm.data.vocab import Vocab
 from itm.errors import UserError
 from itm.models.base import Matcher
 from itm.models.registry import MatcherInputs, build_matcher
@@ -28,11 +29,18 @@ CARD_FILE = "card.json"
 
 
 def save_matcher(
-    folder: Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any], concepts: Concepts | None = None
+    folder: Path,
+    state_dict: dict[str, torch.Tensor],
+    card: dict[str, Any],
+    concepts: Concepts | None = None,
+    vocab: Vocab | None = None,
 ) -> None:
-    """Write `model.pt` (weights + card, and the concept vocabulary of a concept-aware matcher) and `card.json`."""
+    """Write `model.pt` (weights + card, the concept vocabulary of a concept-aware matcher, and the word vocabulary
+    of a matcher with its own, e.g. a published model's) and `card.json`."""
     folder.mkdir(parents=True, exist_ok=True)
     saved: dict[str, Any] = {"state_dict": state_dict, "card": card}
+    if vocab is not None:
+        saved["vocab"] = {"words": list(vocab.words), "min_count": vocab.min_count, "tokenization": vocab.tokenization}
     if concepts is not None:
         saved["concepts"] = {
             "words": list(concepts.words),
@@ -47,14 +55,19 @@ def save_matcher(
 
 def load_matcher(folder: Path, device: torch.device, data: DataFolders | None = None) -> tuple[Matcher, dict]:
     """The saved matcher in eval mode, and its card. With `data`, refuses a model trained on another vocabulary
-    than data's captions or (for a matcher that uses concepts) another concept vocabulary."""
-    vocab_digest = None if data is None else data.vocab.digest()  # the captions' files are checked first
-    concepts_digest = None if data is None else data.concepts.digest()
+    than data's captions (unless it keeps its own) or (for a matcher that uses concepts) another concept
+    vocabulary."""
     path = folder / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found (run the train stage first)")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     card = saved["card"]
+    own_vocab = _stored_vocab(saved.get("vocab"))
+    if own_vocab is not None and own_vocab.digest() != card["vocab_digest"]:
+        raise UserError(f"{path}: its vocabulary is not the one its card names ({card['vocab_digest']})")
+    # the captions' files are checked first
+    vocab_digest = None if data is None or own_vocab is not None else data.vocab.digest()
+    concepts_digest = None if data is None else data.concepts.digest()
     if vocab_digest is not None and card["vocab_digest"] != vocab_digest:
         raise UserError(
             f"{path}: trained with vocabulary {card['vocab_digest']}, but the captions use {vocab_digest}; retrain it"
@@ -75,4 +88,12 @@ def load_matcher(folder: Path, device: torch.device, data: DataFolders | None = 
     inputs = MatcherInputs(card["feature_dim"], card["vocab_size"], concepts, read_pretrained=False)
     matcher = build_matcher(params, inputs)
     matcher.load_state_dict(saved["state_dict"])
+    if own_vocab is not None:
+        matcher.use_vocabulary(own_vocab)
     return matcher.to(device).eval(), card
+
+
+def _stored_vocab(stored: dict[str, Any] | None) -> Vocab | None:
+    if stored is None:
+        return None
+    return Vocab(tuple(stored["words"]), int(stored["min_count"]), stored["tokenization"])

@@ -33,8 +33,9 @@ def text_query(index: SearchIndex, text: str) -> Encoded:
     if index.matcher.tokenizer is not None:
         token_ids = index.matcher.tokenizer([text])[0]
     else:
-        token_ids = index.vocab.encode(tokens)  # <start> ... <end>, unknown words as <unk>
-        _check_vocabulary(tokens, index.vocab)
+        words = index.vocab.tokenize(text)
+        token_ids = index.vocab.encode(words)  # <start> ... <end>, unknown words as <unk>
+        _check_vocabulary(words, index.vocab)
     concept_ids = [query_concepts(tokens, index.concept_words)] if index.matcher.n_concepts > 0 else None
     batch = pad_captions([token_ids], concept_ids, index.matcher.n_concepts)
     with torch.no_grad():
