@@ -14,11 +14,11 @@ import torch
 from pydantic import ValidationError
 
 from itm.config import CvseParams, MhCvseParams, PublishedWeights, ScanParams
-from itm.data.batches import Regions
+from itm.data.batches import Captions, Regions
 from itm.data.concepts import Concepts
 from itm.data.loaders import pad_captions
 from itm.errors import UserError
-from itm.models import MatcherInputs, build_matcher, load_matcher, save_matcher
+from itm.models import Matcher, MatcherInputs, build_matcher, load_matcher, save_matcher
 from itm.models.cvse import MemoryAttention
 from itm.models.encoders import l2norm
 from itm.safe_load import NAMESPACE_STAND_IN, load_torch
@@ -104,11 +104,24 @@ def _features(n_images: int = 5, regions: int = REGIONS) -> torch.Tensor:
     return torch.randn(n_images, regions, FEATURE_DIM, generator=torch.Generator().manual_seed(7))
 
 
+def _captions(matcher: Matcher, captions: list[str]) -> Captions:
+    """The captions as the data loaders give them to the matcher: its own token ids and its own concept labels."""
+    assert matcher.tokenizer is not None and matcher.labeller is not None
+    token_ids = matcher.tokenizer(captions)
+    return pad_captions(token_ids, matcher.labeller(token_ids), matcher.n_concepts)
+
+
+def _labels(matcher: Matcher, captions: list[str]) -> torch.Tensor:
+    labels = _captions(matcher, captions).concepts
+    assert labels is not None
+    return labels
+
+
 def _our_scores(converted: Converted, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
     matcher = converted.matcher
     with torch.no_grad():
         images = matcher.encode_image(Regions(features, torch.ones(features.shape[:2], dtype=torch.bool)))
-        return matcher.score(images, matcher.encode_text(pad_captions(matcher.tokenizer(captions))))
+        return matcher.score(images, matcher.encode_text(_captions(matcher, captions)))
 
 
 def _cvse_scores(files: Files, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -130,7 +143,8 @@ def test_converted_cvse_scores_equal_cvses_own_code(tmp_path: Path, data_name: s
     assert (params.region_norm, params.region_slots, params.caption_concepts) == ("slots", 36, "words")
     assert params.fusion_alpha_test == (0.9 if data_name == "coco_precomp" else 0.85)
     assert (params.label_ratio, params.bidirectional, params.embed_dim) == (0.4, bi_gru, EMBED)
-    assert converted.matcher.n_concepts == 0  # it labels captions itself and reads no labels of the data
+    # it labels captions itself, from their token ids, instead of reading the tokenize stage's labels
+    assert converted.matcher.n_concepts == len(CONCEPTS) and converted.matcher.labeller is not None
     assert converted.concepts is not None and converted.concepts.words == CONCEPTS
 
     ours = _our_scores(converted, _features(), CAPTIONS)
@@ -141,8 +155,7 @@ def test_converted_cvse_scores_equal_cvses_own_code(tmp_path: Path, data_name: s
 def test_a_captions_concepts_are_its_words_wordnet_lemmas(tmp_path: Path) -> None:
     converted = Files(tmp_path / "cvse", _options()).convert()
     lemmatize = cvse.nltk_lemmatizer(NOUNS, EXCEPTIONS)
-    encoder = converted.matcher.text_encoder
-    labels = encoder._word_labels(pad_captions(converted.matcher.tokenizer(CAPTIONS)))
+    labels = _labels(converted.matcher, CAPTIONS)
     expected = np.stack([cvse.caption_labels(text, CONCEPTS, lemmatize) for text in CAPTIONS])
     np.testing.assert_array_equal(labels.numpy(), expected)
     # a word marks the first concept of its lemma: "men" -> man (not men), "dogs" -> dog, "children" -> child,
@@ -151,12 +164,12 @@ def test_a_captions_concepts_are_its_words_wordnet_lemmas(tmp_path: Path) -> Non
     # "glasses" is a WordNet noun, but its shortest form "glass" wins (min by length)
     assert [CONCEPTS[i] for i in np.flatnonzero(expected[5])] == ["children", "runs", "glass"]
     # a word outside the vocabulary marks nothing here (CVSE would lemmatise the raw token: "grasses" -> grass)
-    assert not encoder._word_labels(pad_captions(converted.matcher.tokenizer(["grasses"]))).any()
+    assert not _labels(converted.matcher, ["grasses"]).any()
 
 
 def test_exact_lemmas_match_the_words_as_they_are(tmp_path: Path) -> None:
     converted = Files(tmp_path / "cvse", _options()).convert(lemmas="exact")
-    labels = converted.matcher.text_encoder._word_labels(pad_captions(converted.matcher.tokenizer(CAPTIONS[2:3])))
+    labels = _labels(converted.matcher, CAPTIONS[2:3])
     assert [CONCEPTS[i] for i in np.flatnonzero(labels[0].numpy())] == ["men", "children", "dogs"]
 
 
@@ -179,7 +192,7 @@ def test_the_saved_model_rebuilds_itself(tmp_path: Path) -> None:
     rebuilt = Converted(loaded, converted.params, converted.options, FEATURE_DIM, converted.concepts)
     torch.testing.assert_close(_our_scores(rebuilt, _features(), CAPTIONS), _our_scores(converted, _features(),
                                                                                          CAPTIONS))  # fmt: skip
-    assert loaded.n_concepts == 0 and loaded.image_encoder.attention.slots == 36
+    assert loaded.labeller is not None and loaded.image_encoder.attention.slots == 36
 
 
 def test_a_region_count_other_than_36_is_refused(tmp_path: Path) -> None:

@@ -105,3 +105,11 @@ def test_a_cvse_checkpoint_is_imported_evaluated_and_compared(tmp_path: Path, mo
     assert in_vocabulary.float().mean() > 0.9
     ours = scores.scores[: len(image_ids)]
     torch.testing.assert_close(ours[:, in_vocabulary], expected[:, in_vocabulary], atol=1e-5, rtol=0)
+
+    # CVSE's own protocol: the converted model's labels are completed from the neighbouring test captions
+    metrics = json.loads((repo / "metrics" / f"{NAME}.json").read_text())
+    assert metrics["test/transductive_concepts"] == 0
+    run(["dvc", "exp", "run", f"evaluate@{NAME}", "-S", "evaluate.transductive_concepts=true"], repo)
+    completed = json.loads((repo / "metrics" / f"{NAME}.json").read_text())
+    assert completed["test/transductive_concepts"] == 1 and completed["test/completion_seconds"] > 0
+    assert SplitScores.load(repo / "data" / "scores" / f"{NAME}.npz").scores.ne(scores.scores).any()

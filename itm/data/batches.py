@@ -53,6 +53,8 @@ class PixelSpec:
 
 
 Tokenizer = Callable[[Sequence[str]], list[list[int]]]  # caption texts -> token-id lists (a backbone's own tokenizer)
+# token-id lists -> each caption's concept ids, ascending (a matcher that labels captions by their words itself)
+ConceptLabeller = Callable[[Sequence[Sequence[int]]], list[list[int]]]
 
 
 @dataclass(frozen=True)

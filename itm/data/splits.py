@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from itm.data.batches import PixelSpec, Tokenizer
+from itm.data.batches import ConceptLabeller, PixelSpec, Tokenizer
 from itm.data.captions import VOCAB_FILE, read_concepts
 from itm.data.concepts import Concepts
 from itm.data.loaders import CaptionTable, read_captions, with_stored_images
@@ -33,6 +33,7 @@ class Reads:
     pixels: PixelSpec | None = None  # the images themselves, prepared as the spec says; None: bottom-up regions
     tokenizer: Tokenizer | None = None  # its own token ids of the caption text; None: the pipeline vocabulary's
     n_concepts: int = 0  # > 0: concept labels over that many concepts
+    labeller: ConceptLabeller | None = None  # the labels from its own token ids; None: the tokenize stage's labels
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,17 @@ class DataFolders:
 
     def captions(self, split: str, reads: Reads, *, texts: bool = False) -> CaptionTable:
         """Every caption of the split in file order, with the token ids the matcher reads and, when it reads them,
-        each caption's concept labels; with `texts` (or a tokenizer of its own), the raw text too."""
+        each caption's concept labels (the tokenize stage's, or those its own labeller gives its token ids); with
+        `texts` (or a tokenizer of its own), the raw text too."""
+        stored_labels = reads.n_concepts > 0 and reads.labeller is None
         table = read_captions(
-            self.captions_dir, split, concepts=reads.n_concepts > 0, texts=texts or reads.tokenizer is not None
+            self.captions_dir, split, concepts=stored_labels, texts=texts or reads.tokenizer is not None
         )
-        return table if reads.tokenizer is None else table.tokenized(reads.tokenizer)
+        if reads.tokenizer is not None:
+            table = table.tokenized(reads.tokenizer)
+        if reads.n_concepts > 0 and reads.labeller is not None:
+            table = table.with_concepts(reads.labeller(table.token_ids))
+        return table
 
     def split(self, split: str, reads: Reads, *, texts: bool = False) -> SplitData:
         """The split's image store and its captions whose image is in it (see `captions`); images that failed

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from itm import distributed
-from itm.data.batches import Captions, Images, PixelSpec, Tokenizer
+from itm.data.batches import Captions, ConceptLabeller, Images, PixelSpec, Tokenizer
 from itm.data.splits import Reads
 from itm.data.vocab import Vocab
 from itm.distributed import Context
@@ -113,9 +113,10 @@ class Matcher(nn.Module):
     detached scores (e.g. UARDA's threshold statistics).
 
     `n_concepts` > 0 declares that the text encoder reads `Captions.concepts` over that many concepts, so data
-    loaders attach them. `pixels` declares that the image encoder reads `Pixels` (prepared as the spec says)
-    instead of bottom-up `Regions`; `tokenizer` that the text encoder reads its own token ids of the caption
-    text instead of the pipeline vocabulary's; `vocab` (set by `use_vocabulary`) that its word ids are those of its
+    loaders attach them: the tokenize stage's labels, or with `labeller` the ones it gives the token ids.
+    `pixels` declares that the image encoder reads `Pixels` (prepared as the spec says) instead of bottom-up
+    `Regions`; `tokenizer` that the text encoder reads its own token ids of the caption text instead of the
+    pipeline vocabulary's; `vocab` (set by `use_vocabulary`) that its word ids are those of its
     own vocabulary (a published model's), which tokenises the caption text as the model was trained. A loss may
     define `end_epoch() -> {name: value}`, called after each training epoch (e.g. to re-weight its terms); what it
     returns is logged with the epoch's metrics.
@@ -131,6 +132,7 @@ class Matcher(nn.Module):
         n_concepts: int = 0,
         pixels: PixelSpec | None = None,
         tokenizer: Tokenizer | None = None,
+        labeller: ConceptLabeller | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -140,6 +142,7 @@ class Matcher(nn.Module):
         self.n_concepts = n_concepts
         self.pixels = pixels
         self.tokenizer = tokenizer
+        self.labeller = labeller
         self.vocab: Vocab | None = None
 
     def use_vocabulary(self, vocab: Vocab) -> None:
@@ -151,7 +154,7 @@ class Matcher(nn.Module):
     @property
     def reads(self) -> Reads:
         """What the matcher reads of a split (itm.data.splits): regions or pixels, which token ids, concepts."""
-        return Reads(pixels=self.pixels, tokenizer=self.tokenizer, n_concepts=self.n_concepts)
+        return Reads(pixels=self.pixels, tokenizer=self.tokenizer, n_concepts=self.n_concepts, labeller=self.labeller)
 
     def encode_image(self, images: Images) -> Encoded:
         return self.image_encoder(images)

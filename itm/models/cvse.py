@@ -49,7 +49,7 @@ MH-CVSE's full text was not available (methods.md §2.5: abstract and a review o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -182,9 +182,11 @@ class ConsensusTextEncoder(nn.Module):
     distribution is β softmax(s y) + (1 − β) p, the predicted p mixed with the labels y (CVSE `input_modal ==
     'textual'`).
 
-    With `word_concepts` [V] (each word id's concept id, −1 for none) the labels y are the concepts of the
-    caption's own words, looked up there, and `Captions.concepts` is not read (a converted CVSE checkpoint: CVSE
-    labels a test caption by its words' WordNet lemmas, itm/train/published/cvse.py).
+    With `word_concepts` [V] (each word id's concept id, −1 for none), `concept_ids` labels captions by their own
+    words, looked up there: the matcher's labeller (`Matcher.labeller`), whose labels the data loaders attach as
+    `Captions.concepts` instead of the tokenize stage's, so that CVSE's transductive completion can complete them
+    as it completes any labels (a converted CVSE checkpoint: CVSE labels a test caption by its words' WordNet lemmas,
+    itm/train/published/cvse.py).
     """
 
     word_concepts: Tensor | None
@@ -200,29 +202,25 @@ class ConsensusTextEncoder(nn.Module):
         self.register_buffer("word_concepts", word_concepts)
 
     def forward(self, captions: Captions) -> Encoded:
-        if self.word_concepts is not None:
-            labels = self._word_labels(captions)
-        elif captions.concepts is not None:
-            labels = captions.concepts
-        else:
+        if captions.concepts is None:
             raise ValueError("a consensus-aware matcher needs the captions' concept labels (Captions.concepts)")
         encoded = self.words(captions)  # unit word vectors [B, L, E]
         memory = l2norm(masked_mean(encoded.local, encoded.mask, dim=1))  # CVSE: the normalised mean of the words
         instance = self.attention(encoded.local, encoded.mask, memory)  # [B, E]
         concepts = self.graph()  # [K, E]
         predicted = self.predictor(instance, concepts).exp()  # [B, K]
-        labels = label_distribution(labels, self.predictor.smoothing)
+        labels = label_distribution(captions.concepts, self.predictor.smoothing)
         probs = self.label_ratio * labels + (1 - self.label_ratio) * predicted
         consensus = consensus_embedding(probs, concepts)
         extras = {"instance": instance, "consensus": consensus, "concept_probs": probs}
         return Encoded(encoded.local, encoded.mask, self.fusion(instance, consensus), extras)
 
-    def _word_labels(self, captions: Captions) -> Tensor:
-        """[B, K] multi-hot: the concepts of the caption's words (padding and words of no concept left out)."""
-        assert self.word_concepts is not None
-        ids = self.word_concepts[captions.tokens].masked_fill(~captions.mask, -1)  # [B, L], -1: no concept
-        n_concepts = self.graph.inputs.shape[0]
-        return F.one_hot(ids + 1, n_concepts + 1).amax(dim=1)[:, 1:].float()  # column 0 collects the -1s
+    def concept_ids(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Each caption's concepts, ascending: those of its words in `word_concepts` (words of none left out)."""
+        if self.word_concepts is None:
+            raise ValueError("this text encoder has no word -> concept table; its captions carry their labels")
+        table = self.word_concepts.cpu().tolist()
+        return [sorted({table[token] for token in tokens} - {-1}) for tokens in token_ids]
 
 
 # --- scoring and loss ------------------------------------------------------------------------------------------------
@@ -370,9 +368,9 @@ def _build(params: CvseParams, inputs: MatcherInputs, attention: Callable[[bool]
         params.margin, params.max_violation, params.loss_weights, weighting=params.loss_weighting,
         temperature=params.dwa_temperature,
     )  # fmt: skip
-    # with its own word -> concept table the matcher reads no concept labels of the data
+    # with its own word -> concept table the matcher labels the captions itself, from their token ids
     return Matcher(image_encoder, text_encoder, ConsensusScorer(params.fused_score_weight), loss,
-                   n_concepts=0 if own_labels else len(concepts))  # fmt: skip
+                   n_concepts=len(concepts), labeller=text_encoder.concept_ids if own_labels else None)  # fmt: skip
 
 
 @register_matcher("cvse")

@@ -57,6 +57,8 @@ def load_matcher(folder: Path, device: torch.device, data: DataFolders | None = 
     """The saved matcher in eval mode, and its card. With `data`, refuses a model trained on another vocabulary
     than data's captions (unless it keeps its own) or (for a matcher that uses concepts) another concept
     vocabulary."""
+    data_vocab = None if data is None else data.vocab.digest()  # the captions' files are checked first
+    concepts_digest = None if data is None else data.concepts.digest()
     path = folder / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found (run the train stage first)")
@@ -65,9 +67,7 @@ def load_matcher(folder: Path, device: torch.device, data: DataFolders | None = 
     own_vocab = _stored_vocab(saved.get("vocab"))
     if own_vocab is not None and own_vocab.digest() != card["vocab_digest"]:
         raise UserError(f"{path}: its vocabulary is not the one its card names ({card['vocab_digest']})")
-    # the captions' files are checked first
-    vocab_digest = None if data is None or own_vocab is not None else data.vocab.digest()
-    concepts_digest = None if data is None else data.concepts.digest()
+    vocab_digest = None if own_vocab is not None else data_vocab  # a model with its own reads the captions' text
     if vocab_digest is not None and card["vocab_digest"] != vocab_digest:
         raise UserError(
             f"{path}: trained with vocabulary {card['vocab_digest']}, but the captions use {vocab_digest}; retrain it"

@@ -36,7 +36,10 @@ def text_query(index: SearchIndex, text: str) -> Encoded:
         words = index.vocab.tokenize(text)
         token_ids = index.vocab.encode(words)  # <start> ... <end>, unknown words as <unk>
         _check_vocabulary(words, index.vocab)
-    concept_ids = [query_concepts(tokens, index.concept_words)] if index.matcher.n_concepts > 0 else None
+    concept_ids = None
+    if index.matcher.n_concepts > 0:  # labelled as the stored captions: by the matcher's own labeller, or tokenize's
+        labeller = index.matcher.labeller
+        concept_ids = labeller([token_ids]) if labeller else [query_concepts(tokens, index.concept_words)]
     batch = pad_captions([token_ids], concept_ids, index.matcher.n_concepts)
     with torch.no_grad():
         return index.matcher.encode_text(batch.to(index.device))
