@@ -83,8 +83,9 @@ def test_a_scan_checkpoint_is_imported_evaluated_and_compared(tmp_path: Path) ->
     text_of = dict(zip(table["caption_id"], table["text"], strict=True))
     words = json.loads(Path(str(weights["vocab"]["source"])).read_text())["idx2word"]  # type: ignore[index]
     words = [words[str(i)] for i in range(len(words))]
-    original = scan.ScanModel(torch.load(weights["source"], weights_only=False)["opt"], seed=0)  # type: ignore[arg-type]
-    state = torch.load(weights["source"], weights_only=False)["model"]  # type: ignore[arg-type]
+    checkpoint = torch.load(weights["source"], weights_only=False)  # type: ignore[arg-type]  (our own test file)
+    original = scan.ScanModel(checkpoint["opt"], seed=0)
+    state = checkpoint["model"]
     original.img_enc.load_state_dict(state[0])
     original.txt_enc.load_state_dict(state[1])
     token_ids = [scan.encode_caption(words, tokenize(text_of[int(c)], "nltk")) for c in scores.caption_ids]
