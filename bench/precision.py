@@ -4,8 +4,9 @@
     python -m bench.precision --device cuda        # the whole test split
     python -m bench.precision --models scan_t2i_avg uarda --images 500
 
-For every matcher of params.yaml (or of `--models`) trained under models/<name> (`--models-dir`; a matcher that is
-not there is skipped with a line saying so; so is everything when models/ or data/regions is missing), the test
+For every matcher of params.yaml (or of `--models`) trained under models/<name>/seed<seed> (`--models-dir`; `--seed`,
+default the first of train.seeds; a matcher that is not there is skipped with a line saying so; so is everything when
+models/ or data/regions is missing), the test
 split, read as the evaluate stage reads it (`itm.data.splits.DataFolders`), is scored as it scores it
 (`itm.evaluate.scoring.score_split`, inductive concepts) in fp32, bf16 and fp16: on a GPU with
 `score_split(precision=...)`, which autocasts the scoring; on a CPU, where `score_split` always runs in fp32, by
@@ -32,6 +33,7 @@ from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.scoring import score_split
 from itm.models.base import Matcher
 from itm.models.saved import MODEL_FILE, load_matcher
+from itm.seeds import seed_path
 
 PRECISIONS = ("bf16", "fp16")  # compared with fp32
 KS = (1, 5, 10)
@@ -57,8 +59,8 @@ def score(
 
 
 def compare(name: str, data: DataFolders, args: argparse.Namespace) -> list[list[str]]:
-    """The table rows of the matcher models/<name>: fp32, then each reduced precision against it."""
-    matcher, _ = load_matcher(args.models_dir / name, torch.device(args.device), data)
+    """The table rows of the matcher models/<name>/seed<seed>: fp32, then each reduced precision against it."""
+    matcher, _ = load_matcher(seed_path(args.models_dir, name, args.seed), torch.device(args.device), data)
     test = prepared_test_split(matcher, data, args.images)
     exact, caption_image, seconds = score(matcher, test, args, "fp32")
     reference = recall_metrics(exact, caption_image)
@@ -95,6 +97,7 @@ def main() -> None:
                         "on CPU, all on CUDA; 0: all)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=128, help="encoding batch size")
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--seed", type=int, help="the models' training seed (default: the first of train.seeds)")
     parser.add_argument("--regions", type=Path, default=REPO / "data/regions")
     parser.add_argument("--captions", type=Path, default=REPO / "data/captions")
     parser.add_argument("--dataset", type=Path, help="data/raw/<dataset> (pixel matchers); default: params.yaml's")
@@ -103,10 +106,11 @@ def main() -> None:
         args.images = 200 if args.device == "cpu" else None
     elif args.images <= 0:
         args.images = None
-    if args.models is None or args.dataset is None:  # params.yaml only says what the options do not
+    if args.models is None or args.dataset is None or args.seed is None:  # params.yaml says what the options do not
         params = load_params(REPO / "params.yaml")
         args.models = args.models or list(params.matchers)
         args.dataset = args.dataset or REPO / "data/raw" / params.dataset
+        args.seed = params.train.seeds[0] if args.seed is None else args.seed
 
     where = (
         "CUDA autocast of the scoring" if args.device == "cuda" else "CPU autocast around score_split (encoders too)"
@@ -121,8 +125,8 @@ def main() -> None:
     data = DataFolders(args.regions, args.captions, args.dataset)
     rows = []
     for name in args.models:
-        if not (args.models_dir / name / MODEL_FILE).is_file():
-            print(f"skipped {name}: {args.models_dir / name / MODEL_FILE} not found")
+        if not (seed_path(args.models_dir, name, args.seed) / MODEL_FILE).is_file():
+            print(f"skipped {name}: {seed_path(args.models_dir, name, args.seed) / MODEL_FILE} not found")
             continue
         rows += compare(name, data, args)
     if not rows:

@@ -4,7 +4,8 @@ with the full score, on the pipeline's trained models and test split, for text q
     python -m bench.search_shortlist                                   # scan_t2i_avg, scan_i2t_lse, uarda
     python -m bench.search_shortlist --models uarda --timed-texts 100 --timed-images 50 --repeats 5
 
-For each model (models/<name>, or under `--models-dir`) the test split is opened as `itm search` opens it
+For each model (models/<name>/seed<seed>, or under `--models-dir`; `--seed`, default the first of train.seeds) the
+test split is opened as `itm search` opens it
 (`itm.search.open_index` on the pipeline's folders, `itm.data.splits.DataFolders`) and its galleries are encoded
 once (synthetic default: 1,000 images × 5,000 captions).
 
@@ -53,6 +54,7 @@ from itm.search import (
     open_index,
     shortlist_rank,
 )
+from itm.seeds import seed_path
 
 MODELS = ("scan_t2i_avg", "scan_i2t_lse", "uarda")
 SHORTLISTS = (10, 20, 50, 100, 200)
@@ -214,7 +216,7 @@ def measure_side(index: SearchIndex, side: Side, images: Encoded, captions: Enco
 
 
 def measure(name: str, args: argparse.Namespace, data: DataFolders) -> None:
-    index = open_index(args.models_dir / name, data, "test", device=CPU)
+    index = open_index(seed_path(args.models_dir, name, args.seed), data, "test", device=CPU)
     if not is_cross_attention(index.matcher):
         raise SystemExit(f"{name}: not a cross-attention matcher; its search scores every item in full")
     images, captions = index.gallery_images(), index.gallery_captions()
@@ -260,12 +262,16 @@ def main() -> None:
     parser.add_argument("--timed-images", type=int, default=50, help="images the image search path is timed on")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--seed", type=int, help="the models' training seed (default: the first of train.seeds)")
     parser.add_argument("--regions", type=Path, default=REPO / "data/regions")
     parser.add_argument("--captions", type=Path, default=REPO / "data/captions")
     parser.add_argument("--dataset", type=Path, help="data/raw/<dataset>; default: the dataset of params.yaml")
     args = parser.parse_args()
-    dataset_dir = args.dataset or REPO / "data/raw" / load_params(REPO / "params.yaml").dataset
-    data = DataFolders(args.regions, args.captions, dataset_dir)
+    if args.dataset is None or args.seed is None:  # params.yaml says what the options do not
+        params = load_params(REPO / "params.yaml")
+        args.dataset = args.dataset or REPO / "data/raw" / params.dataset
+        args.seed = params.train.seeds[0] if args.seed is None else args.seed
+    data = DataFolders(args.regions, args.captions, args.dataset)
     print(f"cpu, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs, "
           f"top {TOP} per query; speed-up against the full score of one query; * = the direction `--shortlist-by "
           "hard` uses")  # fmt: skip

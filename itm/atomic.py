@@ -11,8 +11,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+import numpy as np
 
 
 def _replace(staged: Path, final: Path) -> None:
@@ -69,3 +72,17 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, document: object) -> None:
     """Write `document` as indented JSON to `path`, atomically (`write_text`): metrics, plots and cards."""
     write_text(path, json.dumps(document, indent=1))
+
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write `arrays` as an uncompressed `.npz` (what `np.load` reads) atomically, with every zip entry dated
+    1980-01-01: `np.savez` stamps entries with the current time, so the same arrays would give other bytes (and
+    another DVC hash) on every run."""
+    with staged_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            with archive.open(entry, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)

@@ -1,8 +1,10 @@
 """The `itm` console command. `itm search` ranks the indexed split for a text or an image with a trained matcher.
 
     itm search --model models/scan_t2i_avg --text "a red circle to the left of a blue square" --top 5
-    itm search --model models/scan_t2i_avg --image data/raw/synthetic/images/<file>.jpg --sheet sheet.png
+    itm search --model models/scan_t2i_avg/seed1 --image data/raw/synthetic/images/<file>.jpg --sheet sheet.png
 
+`--model` is a model folder, `models/<matcher>/seed<seed>` as `train@<matcher>-<seed>` writes it, or a matcher's
+folder `models/<matcher>`, which means its model of `--seed` (default: the first of `train.seeds` in params.yaml).
 Run it from the repository: the defaults are the pipeline's paths, and the dataset folder is
 data/raw/<dataset of params.yaml>. Results go to stdout, logging and progress to stderr; a mistake is one line
 `error: ...` on stderr and exit status 2.
@@ -27,11 +29,13 @@ from itm.search import (
     Options,
     SearchResult,
     format_table,
+    is_matcher_folder,
     open_index,
     search_image,
     search_text,
     write_sheet,
 )
+from itm.seeds import seed_path
 from itm.stage_runner import run_stage
 
 
@@ -52,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         "matcher. Cross-attention matchers (SCAN, UARDA) rank the gallery with a cheap score first and re-rank "
         "the best --shortlist items with the full score.",
     )
-    search.add_argument("--model", type=Path, required=True, help="a trained matcher folder, models/<matcher>")
+    search.add_argument(
+        "--model", type=Path, required=True,
+        help="a trained matcher: models/<matcher>/seed<seed>, or models/<matcher> for its model of --seed",
+    )  # fmt: skip
+    search.add_argument(
+        "--seed", type=int,
+        help="with --model models/<matcher>: the training seed (default: the first of train.seeds in ./params.yaml)",
+    )  # fmt: skip
     search.add_argument("--text", help="a caption to find images for")
     search.add_argument("--image", type=Path, help="an image file to find captions for (indexed or not)")
     search.add_argument("--top", type=int, default=5, help="how many results (default 5)")
@@ -94,7 +105,8 @@ def search(args: argparse.Namespace) -> None:
     if args.image is not None and not args.image.is_file():
         raise UserError(f"{args.image}: image not found")
     data = DataFolders(args.regions, args.captions, args.dataset or _dataset_dir())
-    index = open_index(args.model, data, args.split, device=default_device(), batch_size=args.batch_size)
+    model_dir = _model_dir(args.model, args.seed)
+    index = open_index(model_dir, data, args.split, device=default_device(), batch_size=args.batch_size)
     if args.text is not None:
         result = search_text(index, args.text, options)
     else:
@@ -118,6 +130,26 @@ def _header(name: str, split: str, result: SearchResult) -> str:
         f"# {name}: top {len(result.hits)} of {result.gallery} {split} {what} ({scored} scored in full, "
         f"{result.seconds * 1000:.1f} ms)"
     )
+
+
+def _model_dir(model: Path, seed: int | None) -> Path:
+    """The model folder `--model` names: itself when it is one (models/<matcher>/seed<seed>), else, for a matcher's
+    folder (models/<matcher>), its `seed<seed>` folder; a folder that does not exist is left for `open_index` to
+    name."""
+    if is_matcher_folder(model):
+        if seed is not None:
+            raise UserError(f"itm search: --seed picks a model of a matcher's folder, but {model} is a model folder")
+        return model
+    if not model.is_dir():
+        return model
+    return seed_path(model.parent, model.name, _first_seed() if seed is None else seed)
+
+
+def _first_seed() -> int:
+    """The first of `train.seeds` in ./params.yaml: the seed whose model the pipeline's comparison shows."""
+    if not PARAMS_FILE.is_file():
+        raise UserError(f"{PARAMS_FILE} not found in {Path.cwd()}: run from the repository or pass --seed")
+    return load_params(PARAMS_FILE).train.seeds[0]
 
 
 def _dataset_dir() -> Path:

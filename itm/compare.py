@@ -1,52 +1,84 @@
 """The `compare` stage's work: one table of every matcher and ensemble, its figures, and one MLflow parent run.
 
-Reads what the other stages wrote (`metrics/<name>.json`, `models/<name>/`, `data/scores/<name>.npz`) and writes:
+Reads what the other stages wrote for every seed of `train.seeds` (`metrics/<name>/seed<seed>.json`,
+`models/<name>/seed<seed>/`, `data/scores/<name>/seed<seed>.npz`; rows, tests and figures use the first seed, the
+others add the spread of rSum over seeds) and writes:
 
-- `comparison.md` and `comparison.parquet`: one row per (protocol, model), the best value per column marked; on
-  Flickr30K and COCO, under each model, the figures published for its kind of model (`itm/published.csv`, type
-  `published`) with the rSum difference, and models converted from released checkpoints marked imported;
+- `comparison.md` and `comparison.parquet`: one row per (protocol, model), the best value per column marked, each
+  R@K and rSum with its bootstrap interval and a `group` column of letters from the pairwise tests; on Flickr30K and
+  COCO, under each model, the figures published for its kind of model (`itm/published.csv`, type `published`) with
+  the rSum difference, and models converted from released checkpoints marked imported; in the Markdown, under each
+  protocol's table, every pair of models with its rSum difference, interval and adjusted p-value;
 - `comparison.json`: our models' metrics nested {protocol: {model: {column: value}}}, a DVC metrics file;
 - `rsum.json`: one point per model of ours, a DVC bar plot;
 - `figures/`: training curves, recall@K bars, and per model its retrieval examples, plus the word-region attention
-  of a cross-attention matcher (SCAN, UARDA) or the per-view attention of a multi-view one (MVAM).
+  of a cross-attention matcher (SCAN, UARDA) or the per-view attention of a multi-view one (MVAM);
+- `timing.md`, not a DVC output: the training and retrieval times the runs recorded of themselves
+  (`data/work/<stage>/<name>/seed<seed>/run.json`, itm/measurements.py), which change on every run.
 
-In MLflow the comparison is a parent run with the table and figures as artifacts and one child run per model that
-carries the model's metrics and links (tags `itm.run.<stage>`, and links in its note) to the runs that trained and
-evaluated it.
+The pairwise tests read the test similarity matrices (`data/scores/`; an ensemble's is the mean of its members') and
+resample the same test queries for every model (itm/evaluate/statistics.py).
+
+In MLflow the comparison is a parent run with the table, the pairwise tests (`pairwise.json`) and figures as
+artifacts and one child run per model that carries the model's metrics, its times, its group letters and links
+(tags `itm.run.<stage>`, and links in its note) to the runs that trained and evaluated it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from itm.atomic import staged_dir, staged_file, write_json, write_text
 from itm.data.records import has_image_files
 from itm.data.regions import RegionStore
+from itm.errors import UserError
 from itm.evaluate.ensemble import ensemble_scores
+from itm.evaluate.protocols import protocols_for
 from itm.evaluate.score_file import SplitScores
+from itm.evaluate.statistics import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_SIGNIFICANCE,
+    Bootstrap,
+    FoldRanks,
+    PairwiseComparison,
+    Significance,
+    compare_models,
+    protocol_ranks,
+    resamples_needed,
+    smallest_adjusted_p,
+)
 from itm.figures import attention_figure, missing_inputs, retrieval_figures, skipped_figure, views_figure
-from itm.models.saved import CARD_FILE, load_matcher
+from itm.measurements import read_record
+from itm.models.saved import CARD_FILE, MODEL_FILE, load_matcher
 from itm.pair_attention import is_cross_attention, is_multi_view
 from itm.published import read_published
 from itm.report import (
     Entry,
+    Timing,
+    Uncertainty,
     comparison_markdown,
     comparison_metrics,
     comparison_table,
+    pairwise_table,
     read_entries,
     read_histories,
     recall_bars,
     rsum_points,
+    timing_markdown,
     training_curves,
+    with_groups,
     with_published,
 )
+from itm.seeds import seed_path
 from itm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -55,7 +87,9 @@ MARKDOWN_FILE = "comparison.md"
 TABLE_FILE = "comparison.parquet"
 METRICS_FILE = "comparison.json"
 RSUM_FILE = "rsum.json"
+PAIRWISE_FILE = "pairwise.json"  # MLflow artifact of the parent run: every pair's test, and the groups
 FIGURES_DIR = "figures"
+TIMING_FILE = "timing.md"  # measured times: beside the outputs, not one of them
 
 
 @dataclass(frozen=True)
@@ -68,6 +102,8 @@ class Inputs:
     regions_dir: Path  # data/regions/
     captions_dir: Path  # data/captions/
     dataset_dir: Path  # data/raw/<dataset>/
+    work_dir: Path | None = None  # data/work/: the runs' records of their times and MLflow runs
+    seeds: tuple[int, ...] = (0,)  # train.seeds; the first is the one shown
 
 
 @dataclass(frozen=True)
@@ -88,28 +124,71 @@ def compare(
     dataset_kind: str,
     examples: Examples,
     tracker: Tracker,
+    intervals: Bootstrap = DEFAULT_BOOTSTRAP,
+    significance: Significance = DEFAULT_SIGNIFICANCE,
 ) -> Path:
     """Write the comparison into `out_dir` (see the module docstring) and log it; returns the Markdown file.
 
-    `dataset_kind` (synthetic, flickr30k, coco) picks the published figures shown beside ours. The figures are
-    drawn into a staging folder first, so a failure leaves the previous report as it was.
+    `dataset_kind` (synthetic, flickr30k, coco) picks the published figures shown beside ours and the protocols of
+    the pairwise tests (`significance`); `intervals` are the settings the metrics files' intervals were made with
+    (evaluate.bootstrap), which the report states. The figures are drawn into a staging folder first, so a failure
+    leaves the previous report as it was.
     """
     published = read_published()  # checked on every run, so a broken data file fails here and not in a later run
-    entries = read_entries(inputs.metrics_dir, inputs.models_dir, matchers, ensembles)
-    table = comparison_table(entries)
+    entries = read_entries(inputs.metrics_dir, inputs.models_dir, matchers, ensembles, inputs.seeds)
+    comparisons = pairwise_comparisons(inputs.scores_dir, entries, dataset_kind, significance)
+    table = with_groups(comparison_table(entries), comparisons)
     report = with_published(table, entries, published, dataset_kind)
     figures_dir = out_dir / FIGURES_DIR
     with staged_dir(figures_dir) as staging:
         drawn = draw_figures(inputs, entries, table, staging, examples)
-    markdown = comparison_markdown(report, dataset_kind)
+    markdown = comparison_markdown(
+        report, dataset_kind, Uncertainty(intervals, significance, pairwise_table(comparisons))
+    )
     write_text(out_dir / MARKDOWN_FILE, markdown)
     with staged_file(out_dir / TABLE_FILE) as tmp:
         report.to_parquet(tmp, index=False)
     write_json(out_dir / METRICS_FILE, comparison_metrics(table))
     write_json(out_dir / RSUM_FILE, rsum_points(table))
+    timings = read_timings(inputs, entries)
+    write_text(out_dir / TIMING_FILE, timing_markdown(timings, _environment(entries)))
     log.info("comparison of %d models and %d figures in %s", len(entries), len(drawn), out_dir)
-    log_comparison(tracker, inputs, entries, markdown, out_dir, [figures_dir / path.name for path in drawn])
+    log_comparison(
+        tracker, inputs, entries, markdown, out_dir, [figures_dir / path.name for path in drawn], comparisons, timings
+    )
     return out_dir / MARKDOWN_FILE
+
+
+def pairwise_comparisons(
+    scores_dir: Path, entries: Sequence[Entry], dataset_kind: str, significance: Significance
+) -> dict[str, PairwiseComparison]:
+    """protocol -> the paired bootstrap tests of every pair of `entries` and their groups (`compare_models`), from
+    each model's test similarity matrix (`model_scores`), which must all score the same test gallery."""
+    started = time.perf_counter()
+    ranks: dict[str, dict[str, tuple[FoldRanks, ...]]] = {}  # protocol -> model -> ranks per fold
+    first: tuple[str, np.ndarray, np.ndarray] | None = None  # the first model's name, image and caption ids
+    for entry in entries:
+        scores = model_scores(scores_dir, entry)  # one matrix in memory at a time: only the ranks are kept
+        if first is None:
+            first = (entry.name, scores.image_ids, scores.caption_ids)
+        elif not (np.array_equal(scores.image_ids, first[1]) and np.array_equal(scores.caption_ids, first[2])):
+            raise UserError(
+                f"{scores_dir}: {entry.name} scored another test gallery than {first[0]}, so their queries cannot be "
+                "paired; re-run the evaluation of the older one"
+            )
+        for protocol in protocols_for(dataset_kind, len(scores.image_ids)):
+            folds = protocol_ranks(scores.scores, scores.caption_image, protocol)
+            ranks.setdefault(protocol.name, {})[entry.name] = folds
+    comparisons = {protocol: compare_models(models, significance) for protocol, models in ranks.items()}
+    for protocol, result in comparisons.items():
+        n_pairs = len(result.pairs)
+        if smallest_adjusted_p(n_pairs, significance) > significance.alpha:
+            log.warning("%s: with %d resamples none of the %d pairs can be significant after the %s correction; "
+                        "set compare.significance.resamples to at least %d", protocol, significance.resamples,
+                        n_pairs, significance.correction, resamples_needed(n_pairs, significance))  # fmt: skip
+    log.info("pairwise tests of %d models (%d resamples) in %.1f s", len(entries), significance.resamples,
+             time.perf_counter() - started)  # fmt: skip
+    return comparisons
 
 
 def draw_figures(
@@ -119,7 +198,7 @@ def draw_figures(
     pipeline does not have (the images, after a captions-only download for precomputed regions; the boxes, which
     precomputed regions lack) gets a note in its place saying so."""
     drawn = []
-    histories = read_histories(inputs.models_dir, [entry.name for entry in entries if entry.type == "single"])
+    histories = read_histories({entry.name: entry.model_dir for entry in entries if entry.model_dir is not None})
     if histories:
         drawn.append(folder / "training_curves.png")
         training_curves(histories, drawn[-1])
@@ -144,8 +223,8 @@ def _model_figures(
     attention the `boxes` too); a note in place of each that cannot be drawn."""
     drawn = []
     sources = (inputs.models_dir, inputs.regions_dir, inputs.captions_dir, inputs.dataset_dir)
-    if entry.type == "single":
-        matcher, _ = load_matcher(inputs.models_dir / entry.name, torch.device("cpu"))
+    if entry.model_dir is not None:
+        matcher, _ = load_matcher(entry.model_dir, torch.device("cpu"))
         cross = is_cross_attention(matcher)
         if cross or is_multi_view(matcher):
             drawn.append(folder / f"{'attention' if cross else 'views'}_{entry.name}.png")
@@ -154,10 +233,10 @@ def _model_figures(
             if missing is not None:
                 skipped_figure(drawn[-1], missing)
             elif cross:
-                attention_figure(sources[0] / entry.name, *sources[1:], drawn[-1], pairs=examples.count,
+                attention_figure(entry.model_dir, *sources[1:], drawn[-1], pairs=examples.count,
                                  seed=examples.seed)  # fmt: skip
             else:
-                views_figure(sources[0] / entry.name, *sources[1:], drawn[-1], seed=examples.seed)
+                views_figure(entry.model_dir, *sources[1:], drawn[-1], seed=examples.seed)
     t2i, i2t = folder / f"retrieval_t2i_{entry.name}.png", folder / f"retrieval_i2t_{entry.name}.png"
     missing = missing_inputs(inputs.dataset_dir, images=images, boxes=True)
     if missing is not None:
@@ -176,26 +255,58 @@ def regions_have_boxes(regions_dir: Path) -> bool:
 
 
 def model_scores(scores_dir: Path, entry: Entry) -> SplitScores:
-    """A model's test similarity matrix: its own, or for an ensemble the mean of its members' (as ensemble@)."""
+    """A model's test similarity matrix (its seed's): its own, or for an ensemble the mean of its members' (as
+    ensemble@)."""
     if entry.type == "single":
-        return SplitScores.load(scores_dir / f"{entry.name}.npz")
-    return ensemble_scores([scores_dir / f"{member}.npz" for member in entry.members])
+        return SplitScores.load(seed_path(scores_dir, entry.name, entry.seed, ".npz"))
+    return ensemble_scores([seed_path(scores_dir, member, entry.seed, ".npz") for member in entry.members])
+
+
+def _records(inputs: Inputs, entry: Entry) -> dict[str, dict]:
+    """stage -> the record its run kept of itself (times, MLflow run), for the outputs now in the workspace."""
+    if inputs.work_dir is None or entry.model_dir is None:
+        return {}
+    stage = f"{entry.name}-{entry.seed}"
+    found = {
+        f"train@{stage}": read_record(seed_path(inputs.work_dir / "train", entry.name, entry.seed),
+                                      entry.model_dir / MODEL_FILE),
+        f"evaluate@{stage}": read_record(seed_path(inputs.work_dir / "evaluate", entry.name, entry.seed),
+                                         seed_path(inputs.scores_dir, entry.name, entry.seed, ".npz")),
+    }  # fmt: skip
+    return {name: record for name, record in found.items() if record is not None}
+
+
+def read_timings(inputs: Inputs, entries: Sequence[Entry]) -> list[Timing]:
+    """The times the runs behind each single model recorded (none for ensembles, which train nothing)."""
+    timings = []
+    for entry in entries:
+        if entry.model_dir is None:
+            continue
+        records = _records(inputs, entry)
+        trained = records.get(f"train@{entry.name}-{entry.seed}", {})
+        evaluated = records.get(f"evaluate@{entry.name}-{entry.seed}", {})
+        per_query, encoding = evaluated.get("test/seconds_per_query"), evaluated.get("test/encode_seconds")
+        timings.append(Timing(entry.name, entry.seed, trained.get("train_seconds"), per_query, encoding))
+    return timings
+
+
+def _environment(entries: Sequence[Entry]) -> dict | None:
+    """The environment the first trained model's card records (where the times were measured)."""
+    for entry in entries:
+        if entry.model_dir is not None and entry.training:
+            return json.loads((entry.model_dir / CARD_FILE).read_text()).get("environment")
+    return None
 
 
 def linked_runs(inputs: Inputs, entry: Entry, tracker: Tracker) -> dict[str, str]:
-    """stage → MLflow run id of the runs behind a model: `train@` (from its card) and `evaluate@` (saved with its
-    scores) for a single matcher; for an ensemble its newest `ensemble@` run."""
+    """stage → MLflow run id of the runs behind a model: `train@` and `evaluate@` (from the records they kept,
+    itm/measurements.py) for a single matcher; for an ensemble its newest `ensemble@` run."""
     if entry.type == "ensemble":
-        found = tracker.find_run(f"ensemble@{entry.name}")
-        return {f"ensemble@{entry.name}": found} if found else {}
-    runs = {}
-    card = json.loads((inputs.models_dir / entry.name / CARD_FILE).read_text())
-    if card.get("mlflow_run_id"):
-        runs[f"train@{entry.name}"] = card["mlflow_run_id"]
-    evaluated = SplitScores.load_run_id(inputs.scores_dir / f"{entry.name}.npz")
-    if evaluated:
-        runs[f"evaluate@{entry.name}"] = evaluated
-    return runs
+        stage = f"ensemble@{entry.name}-{entry.seed}"
+        found = tracker.find_run(stage)
+        return {stage: found} if found else {}
+    return {stage: record["mlflow_run_id"] for stage, record in _records(inputs, entry).items()
+            if record.get("mlflow_run_id")}  # fmt: skip
 
 
 def log_comparison(
@@ -205,17 +316,29 @@ def log_comparison(
     markdown: str,
     out_dir: Path,
     figures: Sequence[Path],
+    comparisons: Mapping[str, PairwiseComparison] | None = None,
+    timings: Sequence[Timing] = (),
 ) -> None:
-    """The parent run: the table (also as its note) and figures; one child run per model with its metrics and
+    """The parent run: the table (also as its note), the pairwise tests and groups (`pairwise.json`) and figures;
+    one child run per model with its metrics, its group letters per protocol (tags `itm.group.<protocol>`) and
     links to the runs that produced it."""
-    for name in (MARKDOWN_FILE, TABLE_FILE, METRICS_FILE):
-        tracker.log_artifact(out_dir / name)
+    comparisons = comparisons or {}
+    for name in (MARKDOWN_FILE, TABLE_FILE, METRICS_FILE, TIMING_FILE):
+        if (out_dir / name).is_file():
+            tracker.log_artifact(out_dir / name)
+    measured = {timing.name: timing for timing in timings}
     for path in figures:
         tracker.log_artifact(path, FIGURES_DIR)
+    if comparisons:
+        pairs = pairwise_table(comparisons).to_dict(orient="records")
+        groups = {protocol: result.groups for protocol, result in comparisons.items()}
+        tracker.log_dict({"pairs": pairs, "groups": groups}, PAIRWISE_FILE)
     tracker.set_tags({"mlflow.note.content": markdown})
     for entry in entries:
         runs = linked_runs(inputs, entry, tracker)
         tags = {"itm.model": entry.name, "itm.type": entry.type, "itm.kind": entry.kind, "itm.weights": entry.weights}
+        tags |= {f"itm.group.{protocol}": result.groups[entry.name] for protocol, result in comparisons.items()
+                 if entry.name in result.groups}  # fmt: skip
         if entry.weights_source:
             tags["itm.weights.source"] = entry.weights_source
         tags |= {f"itm.run.{stage}": run_id for stage, run_id in runs.items()}
@@ -223,7 +346,9 @@ def log_comparison(
             child.log_params({"kind": entry.kind, "type": entry.type, "parameters": entry.parameters,
                               "members": list(entry.members)})  # fmt: skip
             child.log_metrics(entry.metrics)
-            if entry.train_seconds is not None:
-                child.log_metrics({"train_seconds": entry.train_seconds})
+            timing = measured.get(entry.name)
+            times = {} if timing is None else {"train_seconds": timing.train_seconds,
+                                               "test/seconds_per_query": timing.seconds_per_query}  # fmt: skip
+            child.log_metrics({key: value for key, value in times.items() if value is not None})
             links = [f"- {stage}: [{run_id}]({tracker.run_link(run_id) or run_id})" for stage, run_id in runs.items()]
             child.set_tags({"mlflow.note.content": "\n".join([f"Runs behind {entry.name}:", *links])})

@@ -278,11 +278,13 @@ class PublishedWeights(Section):
     `vocab/<data>_precomp_vocab.json`, or the `.pkl` CVSE ships). The checkpoint's options decide the matcher's
     direction, pooling, lambdas and sizes; a key the block sets must agree with them.
     `cvse`: BruceW91/CVSE's `model_best.pth.tar`, its vocabulary (`vocab/<data>_precomp_vocab.pkl`) and its
-    `concepts` files; the matcher gets CVSE's layout (`region_norm: slots`, `caption_concepts: words`)."""
+    `concepts` files; the matcher gets CVSE's layout (`region_norm: slots`, `caption_concepts: words`).
+    `vse_infty`: woodfrog/vse_infty's `model_best.pth` of a BUTD-region + bi-GRU model (branch bigru) with SCAN's
+    JSON vocabulary it was trained with (VSE∞ appends <mask> itself)."""
 
     source: str  # path or http(s) URL of the checkpoint
     sha256: Sha256  # a file with another checksum is refused
-    layout: Literal["scan", "cvse"]
+    layout: Literal["scan", "cvse", "vse_infty"]
     vocab: RemoteFile  # the vocabulary file the checkpoint's word ids refer to
     concepts: PublishedConcepts | None = None  # layout cvse: its concept files; null otherwise
 
@@ -305,8 +307,14 @@ class MatcherCommon(Section):
     word_dim: int = Field(300, ge=1)  # word embeddings (300)
     margin: float = Field(0.2, ge=0.0)  # hinge margin alpha (VSE++, SCAN: 0.2)
     max_violation: bool = True  # hardest negative in the batch (VSE++); false sums over all negatives (VSE0)
-    epochs: int | None = Field(None, ge=1)  # this matcher's training length; null: train.epochs
-    schedule: Literal["step", "cosine"] | None = None  # this matcher's learning-rate schedule; null: train.schedule
+    # This matcher's own training recipe where it differs from the shared `train:` block; null: train's value.
+    max_epochs: int | None = Field(None, ge=1)  # the epoch cap (training stops earlier on a validation plateau)
+    schedule: Literal["step", "cosine"] | None = None  # learning-rate schedule
+    learning_rate: float | None = Field(None, gt=0.0)
+    decay_epochs: int | None = Field(None, ge=1)  # step schedule: x0.1 every this many epochs
+    warmup_epochs: int | None = Field(None, ge=0)  # hinge losses: epochs on all violations before the hardest one
+    optimizer: Literal["adam", "adamw"] | None = None
+    weight_decay: float | None = Field(None, ge=0.0)
     weights: PublishedWeights | None = None  # released weights to convert instead of training; null: train
 
     @model_validator(mode="after")
@@ -367,6 +375,29 @@ class UardaParams(MatcherCommon):
     threshold_momentum: float = Field(0.7, ge=0.0, le=1.0)  # weight of the new estimate (NAAF: 0.7)
     threshold_min_samples: int = Field(200, ge=2)  # words per side before an estimate (NAAF: 200)
     skip_queries: bool = True  # at retrieval, skip words whose best region similarity is below the threshold
+
+
+class NaafParams(MatcherCommon):
+    """NAAF (Zhang et al., CVPR 2022): SCAN's encoders, t-i scores with a negative term and two positive terms around
+    a threshold estimated per training batch. Defaults: CrossmodalGroup/NAAF `train.py`, `model.py` and its README's
+    Flickr30K flags (itm/models/naaf.py)."""
+
+    kind: Literal["naaf"]
+    max_epochs: int | None = Field(20, ge=1)  # NAAF --num_epochs 20
+    schedule: Literal["step", "cosine"] | None = "step"
+    learning_rate: float | None = Field(5.0e-4, gt=0.0)  # NAAF --learning_rate .0005
+    decay_epochs: int | None = Field(10, ge=1)  # NAAF README --lr_update 10 (train.py's default: 20)
+    warmup_epochs: int | None = Field(0, ge=0)  # NAAF takes the hardest negative from the first step
+    bidirectional: bool = True  # NAAF's GRU is bidirectional, directions averaged
+    lambda_softmax: float = Field(20.0, gt=0.0)  # λ of both attentions
+    threshold_alpha: float = Field(2.0, gt=0.0)  # weight of the unmatched Gaussian: larger raises t (NAAF --alpha)
+    threshold_momentum: float = Field(0.7, ge=0.0, le=1.0)  # weight of a new estimate
+    threshold_min_words: int = Field(200, ge=2)  # matched words a batch pools before an estimate
+    safe_threshold_stds: float = Field(3.0, ge=0.0)  # retrieval threshold: mean - this x std of the matched pool
+    intra_lambda: float | None = Field(5.0, gt=0.0)  # retrieval: smooth the negative indicator over the caption's
+    # words with softmax(intra_lambda e_j.e_k) (NAAF intra_relation); null: each word's own
+    # per_caption: NAAF's updates inside the scoring of a batch (one process); per_batch: after it (any processes)
+    threshold_schedule: Literal["per_caption", "per_batch"] = "per_caption"
 
 
 class CvseParams(MatcherCommon):
@@ -457,18 +488,49 @@ class MvamParams(MatcherCommon):
         return self
 
 
+class VseInftyParams(MatcherCommon):
+    """VSE∞ (Chen et al., CVPR 2021): regions (fc + MLP) and bi-GRU words, each pooled by the Generalized Pooling
+    Operator; cosine similarity. Defaults: woodfrog/vse_infty branch bigru (`lib/encoders.py`, `gpo.py`,
+    `train_region.sh`: learning rate 5e-4, decayed x0.1 at epoch 15, one warmup epoch on all violations)."""
+
+    kind: Literal["vse_infty"]
+    bidirectional: bool = True  # bi-GRU, directions averaged
+    gpo_pe_dim: int = Field(32, ge=2, multiple_of=2)  # GPO position encoding size (VSE∞: GPO(32, 32))
+    gpo_hidden_dim: int = Field(32, ge=1)  # GPO's bi-GRU state size
+    region_drop: float = Field(0.2, ge=0.0, lt=1.0)  # training: each region dropped with this probability (0.2)
+    word_augment: float = Field(0.2, ge=0.0, le=1.0)  # training: each token masked / replaced / deleted (0.2)
+    # training: the region MLP's BatchNorm statistics over every row of the padded batch (VSE∞'s code) or over the
+    # real regions only (independent of the batch's padding); evaluation uses the running statistics either way
+    batchnorm_rows: Literal["padded", "regions"] = "padded"
+    learning_rate: float | None = Field(5.0e-4, gt=0.0)
+    decay_epochs: int | None = Field(15, ge=1)  # lr_update
+    warmup_epochs: int | None = Field(1, ge=0)  # vse_mean_warmup_epochs
+    optimizer: Literal["adam", "adamw"] | None = "adamw"  # torch.optim.AdamW with its default weight decay
+    weight_decay: float | None = Field(0.01, ge=0.0)
+
+
 MatcherParams = Annotated[
-    VseppParams | ScanParams | UardaParams | CvseParams | MhCvseParams | MvamParams, Field(discriminator="kind")
+    VseppParams | ScanParams | UardaParams | CvseParams | MhCvseParams | MvamParams | VseInftyParams | NaafParams,
+    Field(discriminator="kind"),
 ]
 
 
 class TrainParams(Processes):
     """One training protocol for every matcher (Adam, hinge loss), as the papers train per dataset."""
 
-    epochs: int = Field(30, ge=1)
+    max_epochs: int = Field(30, ge=1)  # the cap; training stops earlier when validation rSum plateaus (`patience`)
+    # Early stopping: stop after `patience` epochs in a row without a validation rSum above the best by more than
+    # `min_delta`; null: train to max_epochs. The best epoch's weights are kept either way.
+    patience: int | None = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)  # rSum points
+    # Hinge losses (VSE++, SCAN, ...): the first `warmup_epochs` epochs sum the violations of every negative, then
+    # the hardest negative alone (VSE∞'s `vse_mean_warmup_epochs`); 0: the hardest negative from the first step.
+    warmup_epochs: int = Field(0, ge=0)
     batch_size: int = Field(128, ge=2)  # global: split evenly over the processes, hardest negatives over all of it
     learning_rate: float = Field(2.0e-4, gt=0.0)
-    schedule: Literal["step", "cosine"] = "step"
+    optimizer: Literal["adam", "adamw"] = "adam"  # adam (SCAN, VSE++, CVSE) | adamw (decoupled decay; VSE∞)
+    weight_decay: float = Field(0.0, ge=0.0)  # adam: an L2 penalty in the gradient; adamw: decoupled decay
+    schedule: Literal["step", "cosine"] = "step"  # cosine anneals over max_epochs
     decay_epochs: int = Field(15, ge=1)  # step: learning rate x0.1 every decay_epochs (SCAN lr_update)
     grad_clip: float = Field(2.0, gt=0.0)  # max gradient norm
     # Autocast on a GPU (the CPU always trains in fp32): bf16 needs no loss scaling; fp16 uses a GradScaler.
@@ -476,10 +538,14 @@ class TrainParams(Processes):
     # Length-bucketed batches: > 0 sorts each run of `bucket_batches` shuffled global batches by caption length
     # before cutting it into batches (less padding, but negatives of similar length); 0 keeps batches random.
     bucket_batches: int = Field(0, ge=0)
-    seed: int = 0
+    # Each seed trains (and evaluates) every matcher once, as its own DVC stage (`train@<matcher>-<seed>`); the
+    # comparison reports the mean and standard deviation over seeds. The seed fixes initialisation and batch order.
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainParams:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {list(self.seeds)} repeat a seed; each seed is one training run")
         processes = self.gpus * self.nodes
         if self.batch_size % processes or self.batch_size // processes < 2:
             raise ValueError(
@@ -487,6 +553,15 @@ class TrainParams(Processes):
                 f"{processes} processes"
             )
         return self
+
+
+class BootstrapParams(Section):
+    """Percentile bootstrap intervals of every R@K and rSum in the metrics files (itm/evaluate/statistics.py): the
+    test queries resampled with replacement, within each fold of a several-fold protocol."""
+
+    resamples: int = Field(1000, ge=100)  # replicates per interval (fewer cannot place the tails of a 95 % interval)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0  # the resampled queries: the same for every model
 
 
 class EvaluateParams(Processes):
@@ -504,14 +579,29 @@ class EvaluateParams(Processes):
     # Autocast of the scoring on a GPU (the CPU scores in fp32). bench/precision.py compares it with fp32: reduced
     # precision reorders near-tied scores (VSE++ on the synthetic test: rSum -6.6 in fp16, -38.8 in bf16).
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    bootstrap: BootstrapParams = BootstrapParams()
+
+
+class SignificanceParams(Section):
+    """The comparison's pairwise tests of rSum and its groups (itm/evaluate/statistics.py): a paired bootstrap over
+    the same resampled test queries, p-values adjusted over all pairs of a protocol."""
+
+    alpha: float = Field(0.05, gt=0, lt=1)  # a pair differs when its adjusted p-value is at most alpha
+    # The smallest p-value is 2 / (resamples + 1); Holm over m pairs needs resamples >= 2m / alpha - 1 (1,119 for the
+    # 28 pairs of 8 models), so 10,000 leaves room for 15 models.
+    resamples: int = Field(10000, ge=100)
+    seed: int = 0
+    correction: Literal["holm", "bonferroni", "none"] = "holm"  # over all pairs of a protocol
 
 
 class CompareParams(Section):
-    """The comparison report (itm/report.py, itm/figures/): which test examples its figures show."""
+    """The comparison report (itm/report.py, itm/figures/): which test examples its figures show, and how models are
+    told apart."""
 
     examples: int = Field(3, ge=1, le=10)  # test pairs per attention figure; queries per retrieval direction
     top: int = Field(5, ge=1, le=10)  # results shown per retrieval example
     seed: int = 0  # picks the example pairs and queries: the same ones for every matcher
+    significance: SignificanceParams = SignificanceParams()
 
 
 class Params(Section):

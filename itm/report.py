@@ -1,42 +1,62 @@
 """The comparison of every matcher and ensemble: one row per (protocol, model), the best value per column marked.
 
-Rows come from `metrics/<name>.json` (what `evaluate@` and `ensemble@` write) and, for single models,
-`models/<name>/card.json` and `model.pt` (kind, parameter count, training time when the card records it). An
-ensemble's parameter count is the sum of its members'. A dataset with several protocols (COCO: `test_5fold1k`,
-`test_5k`) gets one block of rows per protocol.
+Rows come from `metrics/<name>/seed<seed>.json` (what `evaluate@` and `ensemble@` write) and, for single models,
+`models/<name>/seed<seed>/card.json` and `model.pt` (kind, parameter count, how training ended: epochs run and
+whether it stopped on the validation plateau or at the epoch cap). A row shows the first seed of `train.seeds`; with
+several seeds it adds the mean and standard deviation of rSum over them (`rsum_seeds_mean`, `rsum_seeds_std`,
+`seeds`). An ensemble's parameter count is the sum of its members'. A dataset with several protocols (COCO:
+`test_5fold1k`, `test_5k`) gets one block of rows per protocol. Wall-clock times are not in the table (they differ
+on every run): `timing_markdown` lists them apart.
 
 On Flickr30K and COCO, `with_published` adds under each of our rows the figures published for the same kind of model
 on the same protocol (`itm/published.csv`, type `published`), with the rSum difference ours − published; they are
 never the best value of a column. A model whose card names the released checkpoint it was converted from
 (`weights`) is marked imported.
+
+Uncertainty (itm/evaluate/statistics.py): every R@K and rSum of ours carries the bootstrap interval its metrics file
+holds (`<figure>_ci_low`, `_ci_high` columns; `332.0 [325.1, 338.4]` in Markdown); `with_groups` adds the `group`
+letters of the pairwise tests, and `comparison_markdown` lists every pair of a protocol under its table
+(`pairwise_table`). Published rows have neither.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from itm.errors import UserError
+from itm.evaluate.statistics import (
+    Bootstrap,
+    PairwiseComparison,
+    Significance,
+    ci_keys,
+    resamples_needed,
+    smallest_adjusted_p,
+)
 from itm.models.saved import CARD_FILE, load_matcher
 from itm.published import Published, counterparts, ensemble_key, model_key
+from itm.seeds import seed_path
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 HIGHER_IS_BETTER = (*RECALLS, "rsum")
-LOWER_IS_BETTER = ("i2t_medr", "t2i_medr", "ms_per_query")
+WITH_INTERVALS = HIGHER_IS_BETTER  # the columns whose metrics carry a bootstrap interval
+INTERVAL_COLUMNS = tuple(bound for column in WITH_INTERVALS for bound in ci_keys(column))
+LOWER_IS_BETTER = ("i2t_medr", "t2i_medr")
 HEADERS = {
     "name": "model", "type": "type", "kind": "kind", "evaluation": "evaluation",
     "i2t_r1": "i2t R@1", "i2t_r5": "i2t R@5", "i2t_r10": "i2t R@10",
-    "t2i_r1": "t2i R@1", "t2i_r5": "t2i R@5", "t2i_r10": "t2i R@10", "rsum": "rSum", "rsum_diff": "Δ rSum",
-    "i2t_medr": "i2t medR", "t2i_medr": "t2i medR", "parameters": "parameters",
-    "train_minutes": "training min", "ms_per_query": "ms / query",
+    "t2i_r1": "t2i R@1", "t2i_r5": "t2i R@5", "t2i_r10": "t2i R@10", "rsum": "rSum", "group": "group",
+    "rsum_seeds": "rSum over seeds", "rsum_diff": "Δ rSum",
+    "i2t_medr": "i2t medR", "t2i_medr": "t2i medR", "parameters": "parameters", "training": "epochs",
 }  # fmt: skip
-TEXT_COLUMNS = ("name", "type", "kind", "evaluation")
+TEXT_COLUMNS = ("name", "type", "kind", "evaluation", "group", "rsum_seeds", "training")
 # How a row's test figures were computed: the fair protocol (every query on its own), or with CVSE's transductive
 # completion of concept labels from the other test captions (`evaluate.transductive_concepts`).
 FAIR, TRANSDUCTIVE = "fair", "transductive (CVSE completion)"
@@ -54,9 +74,12 @@ class Entry:
     name: str
     type: str  # "single" or "ensemble"
     kind: str  # the matcher kind, or "ensemble"
-    metrics: Mapping[str, float]
+    metrics: Mapping[str, float]  # those of the first seed
     parameters: int | None
-    train_seconds: float | None
+    model_dir: Path | None = None  # a single model's folder (the first seed's)
+    seed: int = 0  # the seed whose model and metrics the row shows
+    training: Mapping[str, object] | None = None  # the card's `training`: epochs, best_epoch, stopped, pairs_seen
+    seed_rsums: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # protocol -> rSum of every seed
     members: tuple[str, ...] = ()  # an ensemble's matchers
     key: str = ""  # the model key published figures match (itm.published.model_key, ensemble_key)
     weights: str = "trained"  # "imported" from a released checkpoint (the card's `weights`); an ensemble: "mixed"
@@ -81,19 +104,27 @@ def parameter_count(model_dir: Path) -> int:
 
 
 def read_entries(
-    metrics_dir: Path, models_dir: Path, matchers: Sequence[str], ensembles: Mapping[str, Sequence[str]]
+    metrics_dir: Path,
+    models_dir: Path,
+    matchers: Sequence[str],
+    ensembles: Mapping[str, Sequence[str]],
+    seeds: Sequence[int] = (0,),
 ) -> list[Entry]:
-    """Single matchers first (in `matchers` order), then ensembles."""
+    """Single matchers first (in `matchers` order), then ensembles; each with the first seed's model and metrics
+    and the rSum of every seed."""
+    first = seeds[0]
     singles: dict[str, Entry] = {}
     for name in matchers:
-        card_path = models_dir / name / CARD_FILE
+        model_dir = seed_path(models_dir, name, first)
+        card_path = model_dir / CARD_FILE
         if not card_path.is_file():
-            raise UserError(f"{card_path}: not found (run train@{name} first)")
+            raise UserError(f"{card_path}: not found (run train@{name}-{first} first)")
         card = json.loads(card_path.read_text())
         imported = card.get("weights")
-        metrics = read_metrics(metrics_dir / f"{name}.json")
+        metrics = read_metrics(seed_path(metrics_dir, name, first, ".json"))
         singles[name] = Entry(
-            name, "single", card["kind"], metrics, parameter_count(models_dir / name), card.get("train_seconds"),
+            name, "single", card["kind"], metrics, parameter_count(model_dir), model_dir, first, card.get("training"),
+            seed_rsums=_seed_rsums(metrics_dir, name, seeds),
             key=model_key(card.get("params") or {"kind": card["kind"]}),
             weights="imported" if imported else "trained",
             weights_source=str(imported.get("source") or "unnamed source") if isinstance(imported, dict) else None,
@@ -106,12 +137,19 @@ def read_entries(
         total = sum(member.parameters or 0 for member in known) if complete else None
         imported = sum(member.weights == "imported" for member in known)
         weights = "trained" if not imported else "imported" if imported == len(members) else "mixed"
-        metrics = read_metrics(metrics_dir / f"{name}.json")
+        metrics = read_metrics(seed_path(metrics_dir, name, first, ".json"))
         transductive = any(member.evaluation == TRANSDUCTIVE for member in known)
-        entries.append(Entry(name, "ensemble", "ensemble", metrics, total, None, tuple(members),
+        entries.append(Entry(name, "ensemble", "ensemble", metrics, total, seed=first,
+                             seed_rsums=_seed_rsums(metrics_dir, name, seeds), members=tuple(members),
                              key=ensemble_key(member.key for member in known) if complete else "",
                              weights=weights, evaluation=TRANSDUCTIVE if transductive else FAIR))  # fmt: skip
     return entries
+
+
+def _seed_rsums(metrics_dir: Path, name: str, seeds: Sequence[int]) -> dict[str, tuple[float, ...]]:
+    """protocol -> the rSum of each seed's metrics file, in `seeds` order."""
+    per_seed = [read_metrics(seed_path(metrics_dir, name, seed, ".json")) for seed in seeds]
+    return {protocol: tuple(metrics[f"{protocol}/rsum"] for metrics in per_seed) for protocol in protocols(per_seed[0])}
 
 
 def protocols(metrics: Mapping[str, float]) -> list[str]:
@@ -120,8 +158,8 @@ def protocols(metrics: Mapping[str, float]) -> list[str]:
 
 
 def comparison_table(entries: Sequence[Entry]) -> pd.DataFrame:
-    """One row per (protocol, entry), protocol-major: recalls, rSum, median ranks, parameters, training time,
-    retrieval time."""
+    """One row per (protocol, entry), protocol-major: recalls, rSum (with the spread over seeds), median ranks,
+    parameters, how training ended."""
     order = list(dict.fromkeys(protocol for entry in entries for protocol in protocols(entry.metrics)))
     rows = [_row(protocol, entry) for protocol in order for entry in entries if protocol in protocols(entry.metrics)]
     return _typed(pd.DataFrame(rows))
@@ -138,11 +176,70 @@ def _row(protocol: str, entry: Entry) -> dict[str, object]:
                               "evaluation": entry.evaluation}  # fmt: skip
     for column in (*HIGHER_IS_BETTER, "i2t_medr", "t2i_medr"):
         row[column] = entry.metrics.get(f"{protocol}/{column}", math.nan)
-    seconds_per_query = entry.metrics.get("test/seconds_per_query")
+        if column in WITH_INTERVALS:  # each bound right after its figure; NaN for a metrics file without intervals
+            row |= {bound: entry.metrics.get(f"{protocol}/{bound}", math.nan) for bound in ci_keys(column)}
+    rsums = entry.seed_rsums.get(protocol, ())
+    row["seeds"] = len(rsums)
+    row["rsum_seeds_mean"] = statistics.fmean(rsums) if rsums else math.nan
+    row["rsum_seeds_std"] = statistics.stdev(rsums) if len(rsums) > 1 else math.nan  # sample standard deviation
+    row["rsum_seeds"] = _over_seeds(rsums)
     row["parameters"] = entry.parameters
-    row["train_minutes"] = math.nan if entry.train_seconds is None else entry.train_seconds / 60
-    row["ms_per_query"] = math.nan if seconds_per_query is None else 1000 * seconds_per_query
+    row["training"] = _training(entry.training)
     return row
+
+
+def _over_seeds(rsums: Sequence[float]) -> str | None:
+    """`331.2 ± 4.1 (3 seeds)`: mean ± sample standard deviation; None for a single seed."""
+    if len(rsums) < 2:
+        return None
+    return f"{statistics.fmean(rsums):.1f} ± {statistics.stdev(rsums):.1f} ({len(rsums)} seeds)"
+
+
+def _training(training: Mapping[str, object] | None) -> str | None:
+    """`7, plateau` or `12, cap`: the epochs a model trained and why it stopped; None when it was not trained here."""
+    if not training:
+        return None
+    return f"{training['epochs']}, {training['stopped']}"
+
+
+def with_groups(table: pd.DataFrame, comparisons: Mapping[str, PairwiseComparison]) -> pd.DataFrame:
+    """`table` with a `group` column after rSum: each model's letters within its protocol (`compare_models`); models
+    sharing a letter have rSums the pairwise tests cannot tell apart. None where a protocol was not tested."""
+    groups = [comparisons[str(protocol)].groups.get(str(name)) if str(protocol) in comparisons else None
+              for protocol, name in zip(table["protocol"], table["name"], strict=True)]  # fmt: skip
+    after = [column for column in (ci_keys("rsum")[1], "rsum") if column in table.columns]
+    position = table.columns.get_loc(after[0]) + 1 if after else len(table.columns)
+    grouped = table.drop(columns="group") if "group" in table.columns else table.copy()
+    grouped.insert(min(position, len(grouped.columns)), "group", groups)
+    return grouped
+
+
+PAIRWISE_COLUMNS = ("protocol", "better", "worse", "rsum_better", "rsum_worse", "rsum_diff", "ci_low", "ci_high",
+                    "p_value", "p_adjusted", "significant")  # fmt: skip
+
+
+def pairwise_table(comparisons: Mapping[str, PairwiseComparison]) -> pd.DataFrame:
+    """One row per pair of models of each protocol: `better` has the higher rSum, `rsum_diff` = better - worse with
+    its interval (`ci_low`, `ci_high`), the p-value before (`p_value`) and after (`p_adjusted`) the correction over
+    the protocol's pairs, and whether it is `significant`."""
+    rows = [
+        {"protocol": protocol, "better": pair.better, "worse": pair.worse, "rsum_better": result.rsum[pair.better],
+         "rsum_worse": result.rsum[pair.worse], "rsum_diff": pair.test.difference, "ci_low": pair.test.ci_low,
+         "ci_high": pair.test.ci_high, "p_value": pair.test.p_value, "p_adjusted": pair.p_adjusted,
+         "significant": pair.significant}
+        for protocol, result in comparisons.items()
+        for pair in result.pairs
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=list(PAIRWISE_COLUMNS))
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    """What the Markdown report says of its intervals and pairwise tests: their settings, and the pairs."""
+
+    intervals: Bootstrap  # those of the metrics files (evaluate.bootstrap)
+    significance: Significance  # compare.significance
+    pairs: pd.DataFrame  # pairwise_table
 
 
 def with_published(
@@ -183,15 +280,24 @@ def best_values(table: pd.DataFrame) -> dict[tuple[str, str], float]:
     return best
 
 
-def comparison_markdown(table: pd.DataFrame, dataset_kind: str | None = None) -> str:
-    """A Markdown table per protocol, single models then ensembles; the best value of each column in bold.
+def comparison_markdown(
+    table: pd.DataFrame, dataset_kind: str | None = None, uncertainty: Uncertainty | None = None
+) -> str:
+    """A Markdown table per protocol, single models then ensembles; the best value of each column in bold, each
+    R@K and rSum of ours followed by its interval when the metrics hold one.
 
     Published rows (`with_published`) stand under our row they correspond to, with a numbered note on where the
-    figure comes from; given `dataset_kind`, a line also says when there are no published figures to show.
+    figure comes from; given `dataset_kind`, a line also says when there are no published figures to show. Given
+    `uncertainty`, each table is followed by the list of its pairwise tests, and a paragraph says how the intervals
+    and tests were made and what they measure.
     """
     best = best_values(table)
     published = table[table["type"] == "published"] if "type" in table.columns else table.iloc[:0]
-    columns = [c for c in HEADERS if c in table.columns and (c != "rsum_diff" or not published.empty)]
+    optional = {
+        "rsum_diff": not published.empty,  # shown when there are published rows, or several seeds
+        "rsum_seeds": "rsum_seeds" in table.columns and bool(_ours(table)["rsum_seeds"].map(_known).any()),
+    }
+    columns = [c for c in HEADERS if c in table.columns and optional.get(c, True)]
     notes: dict[tuple[str, str], int] = {}  # (published model, protocol) -> its note's number
     blocks = []
     for protocol, rows in table.groupby("protocol", sort=False):
@@ -202,15 +308,85 @@ def comparison_markdown(table: pd.DataFrame, dataset_kind: str | None = None) ->
                 number = notes.setdefault((str(row["name"]), str(protocol)), len(notes) + 1)
                 cells = [_published_cell(row, column, number) for column in columns]
             else:
-                cells = [_cell(row[column], best.get((protocol, column))) for column in columns]
+                cells = [_with_interval(row, column, best.get((protocol, column))) for column in columns]
                 if "type" in columns:
                     cells[columns.index("type")] += WEIGHTS_MARKS.get(str(row.get("weights")), "")
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
-    legend = "Bold: the best value of the column within the protocol (highest recall and rSum, lowest rank and time)."
+        if uncertainty is not None:
+            blocks += _pairwise_lines(uncertainty, str(protocol))
+    legend = "Bold: the best value of the column within the protocol (highest recall and rSum, lowest rank)."
+    legend += (" Epochs: those trained, and whether training stopped on the validation plateau or at the epoch cap "
+               "(cap: it may not have converged).")  # fmt: skip
     if not published.empty:
         legend += " Published rows are never bold; Δ rSum is ours − published."
-    return "\n\n".join([*blocks, *_notes(table, published, notes, dataset_kind), legend]) + "\n"
+    statistics = _uncertainty_notes(table, uncertainty)
+    return "\n\n".join([*blocks, *_notes(table, published, notes, dataset_kind), legend, *statistics]) + "\n"
+
+
+def _with_interval(row: pd.Series, column: str, best: float | None) -> str:
+    """A cell of our row: the value (bold when best), then `[low, high]` when the column has a known interval."""
+    text = _cell(row[column], best)
+    low, high = (row.get(bound) for bound in ci_keys(column))
+    if column in WITH_INTERVALS and _known(low) and _known(high):
+        text += f" [{_number(low)}, {_number(high)}]"
+    return text
+
+
+def _pairwise_lines(uncertainty: Uncertainty, protocol: str) -> list[str]:
+    """The pairs of one protocol, best rSum first: `a − b: +12.4 [4.1, 20.7], p = 0.004 *`."""
+    pairs = uncertainty.pairs[uncertainty.pairs["protocol"] == protocol]
+    if pairs.empty:
+        return []
+    settings = uncertainty.significance
+    adjusted = ("not adjusted" if settings.correction == "none"
+                else f"{CORRECTION_NAMES[settings.correction]}-adjusted over {len(pairs)} pairs")  # fmt: skip
+    lines = [f"Pairwise rSum differences in `{protocol}` ({_percent(1 - settings.alpha)} interval of the difference; "
+             f"p {adjusted}; * significant at α = {settings.alpha:g}):", ""]  # fmt: skip
+    for _, pair in pairs.iterrows():
+        interval = f"[{pair['ci_low']:.1f}, {pair['ci_high']:.1f}]"
+        mark = " *" if pair["significant"] else ""
+        lines.append(f"- {pair['better']} − {pair['worse']}: {pair['rsum_diff']:+.1f} {interval}, "
+                     f"p {_p_value(pair['p_adjusted'])}{mark}")  # fmt: skip
+    return ["\n".join(lines)]
+
+
+CORRECTION_NAMES = {"holm": "Holm", "bonferroni": "Bonferroni"}
+
+
+def _p_value(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
+def _uncertainty_notes(table: pd.DataFrame, uncertainty: Uncertainty | None) -> list[str]:
+    """The paragraph under the tables on the intervals and pairwise tests: how they were made, what they measure."""
+    if uncertainty is None:
+        return []
+    intervals, tests = uncertainty.intervals, uncertainty.significance
+    correction = (f"{CORRECTION_NAMES[tests.correction]}-adjusted over all pairs of the protocol"
+                  if tests.correction != "none" else "not adjusted for the number of pairs")  # fmt: skip
+    text = (
+        f"Brackets: {_percent(intervals.confidence)} percentile bootstrap intervals over the test queries "
+        f"({intervals.resamples:,} resamples of the image queries and of the caption queries, within each fold where "
+        "a protocol has several); they measure how the figures of these trained models would move on another test set "
+        "of the same size, not their spread over training seeds or region detectors. Groups and pairs: paired "
+        f"bootstrap test of each rSum difference ({tests.resamples:,} resamples of the same queries for both models, "
+        f"seed {tests.seed}; two-sided p = 2 (1 + min(#d* ≤ 0, #d* ≥ 0)) / (B + 1)), {correction}, significant at "
+        f"α = {tests.alpha:g}; models that share a group letter cannot be told apart."
+    )
+    paragraphs = [text]
+    for protocol, pairs in uncertainty.pairs.groupby("protocol", sort=False):
+        if smallest_adjusted_p(len(pairs), tests) > tests.alpha:
+            paragraphs.append(
+                f"With {tests.resamples:,} resamples no pair of the {len(pairs)} of `{protocol}` can reach α after "
+                f"the correction: raise compare.significance.resamples to at least "
+                f"{resamples_needed(len(pairs), tests):,}."
+            )
+    return paragraphs
 
 
 def _published_cell(row: pd.Series, column: str, number: int) -> str:
@@ -283,6 +459,7 @@ def comparison_metrics(table: pd.DataFrame) -> dict[str, dict[str, dict[str, flo
     """The table as nested metrics {protocol: {model: {column: value}}} for a DVC metrics file (unknown values left
     out), so `dvc metrics diff` compares every model between experiments."""
     numeric = [column for column in HEADERS if column in table.columns and column not in (*TEXT_COLUMNS, "rsum_diff")]
+    numeric = [bound for column in numeric for bound in (column, *ci_keys(column)) if bound in table.columns]
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for _, row in _ours(table).iterrows():
         values = {column: float(row[column]) for column in numeric if _known(row[column])}
@@ -302,11 +479,12 @@ def rsum_points(table: pd.DataFrame) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-def read_histories(models_dir: Path, matchers: Sequence[str]) -> dict[str, list[dict[str, float]]]:
-    """Each matcher's per-epoch metrics from its model card (matchers whose card has no history are left out)."""
+def read_histories(model_dirs: Mapping[str, Path]) -> dict[str, list[dict[str, float]]]:
+    """Each matcher's per-epoch metrics from its model card (name -> model folder; matchers whose card has no
+    history are left out)."""
     histories = {}
-    for name in matchers:
-        card = json.loads((models_dir / name / CARD_FILE).read_text())
+    for name, model_dir in model_dirs.items():
+        card = json.loads((model_dir / CARD_FILE).read_text())
         if card.get("history"):
             histories[name] = card["history"]
     return histories
@@ -376,3 +554,34 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What the runs behind one model measured of themselves (itm/measurements.py); None where no record of the
+    run that made the current output exists (e.g. DVC restored it from its run-cache)."""
+
+    name: str
+    seed: int
+    train_seconds: float | None = None
+    seconds_per_query: float | None = None  # test text-to-image scoring per query
+    encode_seconds: float | None = None  # the test gallery's images and captions, once
+
+
+def timing_markdown(timings: Sequence[Timing], environment: Mapping[str, object] | None) -> str:
+    """`reports/timing.md`: training minutes and retrieval times per model, measured on the machine the table names.
+    Apart from the comparison because times change on every run; the comparison itself does not."""
+    lines = ["# Times of the runs behind the comparison", ""]
+    if environment:
+        gpus = ", ".join(map(str, environment.get("gpus") or [])) or "no GPU"  # type: ignore[call-overload]
+        lines += [f"Measured on {environment.get('cpu')} ({environment.get('threads')} threads, CPU kernels "
+                  f"{environment.get('cpu_capability')}), {gpus}, torch {environment.get('torch')}. Times move from "
+                  "run to run and machine to machine; the comparison's figures do not depend on them.", ""]  # fmt: skip
+    lines += ["| model | seed | training min | ms / query | encoding s |", "|---|---:|---:|---:|---:|"]
+    for timing in timings:
+        minutes = None if timing.train_seconds is None else timing.train_seconds / 60
+        per_query = None if timing.seconds_per_query is None else 1000 * timing.seconds_per_query
+        cells = [_cell(value, None) for value in (minutes, per_query, timing.encode_seconds)]
+        lines.append(f"| {timing.name} | {timing.seed} | " + " | ".join(cells) + " |")
+    lines += ["", "–: no record of the run that made the current output (e.g. DVC restored it from its run-cache)."]
+    return "\n".join(lines) + "\n"

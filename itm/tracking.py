@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from itm import environment
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "itm"
@@ -210,11 +212,18 @@ def _git(*args: str) -> str:
 
 
 def run_tags(stage: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The stage, the git revision, the `dvc exp` experiment, and what the numbers depend on beyond code, params
+    and data (`itm.env.*`: torch, CUDA, CPU kernels, threads, GPUs; itm/environment.py)."""
     revision = git_revision()
     tags = {"itm.stage": stage, "itm.git_revision": revision, "mlflow.source.git.commit": revision.split("-")[0]}
+    tags |= {f"itm.env.{key}": _tag_value(value) for key, value in environment.record().items()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["itm.dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     return tags | dict(extra or {})
+
+
+def _tag_value(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _use_experiment(name: str, artifact_root: Path | None) -> None:

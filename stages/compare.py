@@ -8,6 +8,7 @@ from pathlib import Path
 
 from itm.compare import Examples, Inputs, compare
 from itm.config import PARAMS_FILE, load_params
+from itm.evaluate.statistics import Bootstrap, Significance
 from itm.stage_runner import run_stage
 from itm.tracking import start_run
 
@@ -21,23 +22,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--regions", type=Path, required=True, help="data/regions")
     parser.add_argument("--captions", type=Path, required=True, help="data/captions")
     parser.add_argument("--dataset", type=Path, required=True, help="data/raw/<dataset>")
+    parser.add_argument("--work", type=Path, help="data/work/ (the runs' records of their times), when there is one")
     parser.add_argument("--out", type=Path, required=True, help="reports/")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
     settings = params.compare
     matchers, ensembles = list(params.matchers), dict(params.evaluate.ensembles)
+    bootstrap = params.evaluate.bootstrap  # how the metrics files' intervals were made, which the report states
+    seeds = tuple(params.train.seeds)
     logged = {"compare": settings.model_dump(mode="json"), "matchers": matchers, "ensembles": ensembles,
-              "dataset": params.dataset}  # fmt: skip
+              "dataset": params.dataset, "bootstrap": bootstrap.model_dump(), "seeds": list(seeds)}  # fmt: skip
     with start_run("compare", params=logged, tags={"itm.dataset": params.dataset}) as tracker:
         compare(
-            Inputs(args.metrics, args.models, args.scores, args.regions, args.captions, args.dataset),
+            Inputs(args.metrics, args.models, args.scores, args.regions, args.captions, args.dataset, args.work, seeds),
             matchers,
             ensembles,
             args.out,
             dataset_kind=params.active_dataset.kind,
             examples=Examples(settings.examples, settings.top, settings.seed),
             tracker=tracker,
+            intervals=Bootstrap(**bootstrap.model_dump()),
+            significance=Significance(**settings.significance.model_dump()),
         )
 
 

@@ -1,4 +1,5 @@
-"""DVC stage `ensemble@<name>`: evaluate the average of several matchers' test similarity matrices (SCAN's *)."""
+"""DVC stage `ensemble@<name>-<seed>`: evaluate the average of several matchers' test similarity matrices (SCAN's
+*), each member the model of that training seed, with the same bootstrap intervals as `evaluate@`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from itm.atomic import write_json
 from itm.config import PARAMS_FILE, load_params
 from itm.errors import UserError
 from itm.evaluate.ensemble import evaluate_ensemble
+from itm.evaluate.statistics import Bootstrap
+from itm.seeds import seed_path
 from itm.stage_runner import run_stage
 from itm.tracking import start_run
 
@@ -18,8 +21,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     parser.add_argument("--name", required=True, help="a key of `evaluate.ensembles` in params.yaml")
-    parser.add_argument("--scores", type=Path, required=True, help="folder of the members' <matcher>.npz")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics/<name>.json")
+    parser.add_argument("--seed", type=int, help="the members' training seed, one of train.seeds (default: the first)")
+    parser.add_argument("--scores", type=Path, required=True, help="data/scores/ (members' <m>/seed<seed>.npz)")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics/<name>/seed<seed>.json")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
@@ -28,9 +32,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--name {args.name!r} is not a key of evaluate.ensembles ({', '.join(params.evaluate.ensembles)})"
         )
     members = params.evaluate.ensembles[args.name]
-    tags = {"itm.ensemble": args.name, "itm.dataset": params.dataset}
-    with start_run(f"ensemble@{args.name}", params={"ensemble": {args.name: list(members)}}, tags=tags) as tracker:
-        metrics = evaluate_ensemble([args.scores / f"{member}.npz" for member in members], params.active_dataset.kind)
+    seed = params.train.seeds[0] if args.seed is None else args.seed
+    if seed not in params.train.seeds:
+        raise UserError(f"--seed {seed} is not one of train.seeds {list(params.train.seeds)}")
+    tags = {"itm.ensemble": args.name, "itm.dataset": params.dataset, "itm.seed": str(seed)}
+    bootstrap = params.evaluate.bootstrap
+    logged = {"ensemble": {args.name: list(members)}, "bootstrap": bootstrap.model_dump()}
+    with start_run(f"ensemble@{args.name}-{seed}", params=logged, tags=tags) as tracker:
+        member_scores = [seed_path(args.scores, member, seed, ".npz") for member in members]
+        metrics = evaluate_ensemble(member_scores, params.active_dataset.kind, Bootstrap(**bootstrap.model_dump()))
         tracker.log_metrics(metrics)
         write_json(args.metrics, metrics)
 

@@ -1,5 +1,6 @@
-"""DVC stage `train@<matcher>`: train one matcher of params.yaml on the train split, selected on val rSum; or, for a
-block with `weights:`, convert those published weights instead."""
+"""DVC stage `train@<matcher>-<seed>`: train one matcher of params.yaml with one of `train.seeds` on the train split
+until its validation rSum plateaus, keeping the best epoch; or, for a block with `weights:`, convert those published
+weights instead."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--regions", type=Path, required=True, help="data/regions")
     parser.add_argument("--captions", type=Path, required=True, help="data/captions")
     parser.add_argument("--dataset", type=Path, help="data/raw/<dataset>, for matchers that read the images themselves")
-    parser.add_argument("--out", type=Path, required=True, help="models/<matcher>")
+    parser.add_argument("--seed", type=int, help="one of train.seeds (default: the first)")
+    parser.add_argument("--out", type=Path, required=True, help="models/<matcher>/seed<seed>")
     parser.add_argument("--work", type=Path, required=True, help="resumable checkpoint folder")
     parser.add_argument("--workers", type=int, default=min(2, default_workers()), help="batch loading processes")
     args = parser.parse_args(argv)
@@ -35,22 +37,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--matcher {args.matcher!r} is not a key of matchers ({', '.join(params.matchers)})")
     matcher = params.matchers[args.matcher]
     data = DataFolders(args.regions, args.captions, args.dataset)
-    if matcher.weights is not None:
-        convert(args, matcher, params.download, data, params.dataset)
+    seed = params.train.seeds[0] if args.seed is None else args.seed
+    if seed not in params.train.seeds:
+        raise UserError(f"--seed {seed} is not one of train.seeds {list(params.train.seeds)}")
+    if matcher.weights is not None:  # the same conversion for every seed: nothing is drawn at random
+        convert(args, matcher, params.download, data, params.dataset, seed)
         return
     logged = {"matcher": args.matcher, "matchers": {args.matcher: matcher.model_dump(mode="json")}}
-    logged |= {"train": resolved_settings(matcher, params.train).model_dump(mode="json"), "dataset": params.dataset}
+    settings = resolved_settings(matcher, params.train).model_dump(mode="json", exclude={"seeds"})
+    logged |= {"train": settings, "seed": seed, "dataset": params.dataset}
     relaunch_under_torchrun("stages.train", argv, params.train)
-    tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset}
+    tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset, "itm.seed": str(seed)}
     with (
         distributed.processes(default_device()) as context,
         # rank 0 alone logs to MLflow and writes the model; every process trains
-        start_run_on_main(context.is_main, f"train@{args.matcher}", params=logged, tags=tags) as tracker,
+        start_run_on_main(context.is_main, f"train@{args.matcher}-{seed}", params=logged, tags=tags) as tracker,
     ):
         train_matcher(
             args.matcher,
             matcher,
             params.train,
+            seed=seed,
             data=data,
             out_dir=args.out,
             work_dir=args.work,
@@ -62,12 +69,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def convert(
-    args: argparse.Namespace, matcher: MatcherParams, download: DownloadParams, data: DataFolders, dataset: str
+    args: argparse.Namespace,
+    matcher: MatcherParams,
+    download: DownloadParams,
+    data: DataFolders,
+    dataset: str,
+    seed: int,
 ) -> None:
     """The published weights of the block, converted in one process (nothing to train, nothing to distribute)."""
     logged = {"matcher": args.matcher, "matchers": {args.matcher: matcher.model_dump(mode="json")}, "dataset": dataset}
     tags = {"itm.matcher": args.matcher, "itm.dataset": dataset, "itm.weights": "published"}
-    with start_run(f"train@{args.matcher}", params=logged, tags=tags) as tracker:
+    with start_run(f"train@{args.matcher}-{seed}", params=logged, tags=tags) as tracker:
         import_published(
             args.matcher, matcher, data=data, out_dir=args.out, work_dir=args.work, download=download,
             tracker=tracker, device=default_device(),

@@ -32,6 +32,7 @@ from itm.figures.canvas import Sheet
 from itm.models import MatcherInputs, build_matcher
 from itm.models.saved import save_matcher
 from itm.report import Entry, comparison_table
+from itm.seeds import seed_path
 from stages import download, regions, tokenize
 from tests.conftest import REPO
 from tests.http_server import http_server_fixture  # noqa: F401 - provides the `http_server` fixture
@@ -179,8 +180,8 @@ def _pipeline(params: Path, tmp_path: Path) -> Path:
 
 
 def _save_models(data: Path, models: Path) -> list[Entry]:
-    """Untrained matchers of each figure family, saved as the train stage does, and their test scores; the
-    entries of the comparison, an ensemble last."""
+    """Untrained matchers of each figure family, saved as train@<name>-0 and evaluate@<name>-0 save them (model and
+    test scores); the entries of the comparison, an ensemble last."""
     vocab = load_vocab(data / "captions" / VOCAB_FILE)
     table = read_captions(data / "captions", "test")
     image_ids = np.unique(table.image_ids)
@@ -192,12 +193,14 @@ def _save_models(data: Path, models: Path) -> list[Entry]:
         matcher = build_matcher(resolved, MatcherInputs(DIM, len(vocab)))
         card = {"name": name, "kind": kind, "params": resolved.model_dump(mode="json"), "feature_dim": DIM,
                 "vocab_size": len(vocab), "vocab_digest": vocab.digest()}  # fmt: skip
-        save_matcher(models / name, matcher.state_dict(), card)
+        save_matcher(seed_path(models, name, 0), matcher.state_dict(), card)
         scores = torch.rand(len(image_ids), len(table), generator=torch.Generator().manual_seed(len(entries)))
         caption_image = torch.from_numpy(np.searchsorted(image_ids, table.image_ids))
-        SplitScores(scores, image_ids, table.caption_ids, caption_image).save(data / "scores" / f"{name}.npz")
-        entries.append(Entry(name, "single", kind, metrics, 10, None))
-    return [*entries, Entry("ensemble", "ensemble", "ensemble", metrics, 30, None, ("vsepp", "scan"))]
+        SplitScores(scores, image_ids, table.caption_ids, caption_image).save(
+            seed_path(data / "scores", name, 0, ".npz")
+        )
+        entries.append(Entry(name, "single", kind, metrics, 10, seed_path(models, name, 0)))
+    return [*entries, Entry("ensemble", "ensemble", "ensemble", metrics, 30, members=("vsepp", "scan"))]
 
 
 @pytest.fixture

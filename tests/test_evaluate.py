@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from itm.data.batches import Captions, Regions
 from itm.data.regions import ImageRegions, RegionStore, write_store
 from itm.device import autocast, running_precision
 from itm.errors import UserError
-from itm.evaluate.ensemble import average_scores
+from itm.evaluate.ensemble import average_scores, evaluate_ensemble
 from itm.evaluate.metrics import naive_recall_metrics, recall_metrics
 from itm.evaluate.protocols import evaluate_protocols, protocols_for
+from itm.evaluate.score_file import SplitScores
 from itm.evaluate.scoring import (
     Scored,
     TimedEncoded,
@@ -26,7 +28,10 @@ from itm.evaluate.scoring import (
     retrieval_timing,
     score_matrix,
 )
+from itm.evaluate.statistics import INTERVAL_KEYS, Bootstrap, ci_keys
 from itm.models.base import Encoded, Matcher
+from itm.seeds import seed_path
+from tests.conftest import REPO
 
 CPU = torch.device("cpu")
 
@@ -362,3 +367,63 @@ def test_ensemble_averages_similarity_matrices() -> None:
         average_scores([first, second[:, :19]])
     with pytest.raises(ValueError, match="at least one"):
         average_scores([])
+
+
+def _saved_gallery(path: Path, seed: int, signal: float) -> SplitScores:
+    scores, caption_image = _gallery(40, 5, seed=seed)
+    scores[caption_image, torch.arange(len(caption_image))] += signal - 2.0  # _gallery adds 2.0
+    test = SplitScores(scores, np.arange(40), np.arange(200), caption_image)
+    test.save(path)
+    return test
+
+
+def test_ensemble_metrics_carry_an_interval_beside_every_recall_and_rsum(tmp_path: Path) -> None:
+    members = [_saved_gallery(tmp_path / f"{name}.npz", seed, 0.5) for name, seed in (("a", 7), ("b", 8))]
+    figures = evaluate_ensemble([tmp_path / "a.npz", tmp_path / "b.npz"], "synthetic", Bootstrap(resamples=300))
+    recall_keys = [f"{side}_{name}" for side in ("i2t", "t2i") for name in ("r1", "r5", "r10", "medr", "meanr")]
+    bounds = {f"test/{key}{bound}" for key in INTERVAL_KEYS for bound in ("_ci_low", "_ci_high")}
+    assert set(figures) == {f"test/{key}" for key in (*recall_keys, "rsum", "images", "captions")} | bounds
+    keys = list(figures)
+    assert keys[keys.index("test/rsum") : keys.index("test/rsum") + 3] == ["test/rsum", *ci_keys("test/rsum")]
+    expected = recall_metrics((members[0].scores + members[1].scores) / 2, members[0].caption_image)
+    for key in INTERVAL_KEYS:
+        assert (
+            figures[f"test/{key}_ci_low"] <= expected[key] == figures[f"test/{key}"] <= figures[f"test/{key}_ci_high"]
+        )
+    assert figures["test/rsum_ci_low"] < figures["test/rsum_ci_high"]
+    again = evaluate_ensemble([tmp_path / "a.npz", tmp_path / "b.npz"], "synthetic", Bootstrap(resamples=300))
+    assert again == figures  # seeded
+
+
+@pytest.mark.slow
+def test_the_intervals_reach_mlflow_with_the_other_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from itm.config import load_params
+    from stages import ensemble
+
+    params = load_params(REPO / "params.yaml")
+    name, members = next(iter(params.evaluate.ensembles.items()))
+    first = params.train.seeds[0]  # the default --seed
+    for seed, member in enumerate(members, start=9):
+        _saved_gallery(seed_path(tmp_path / "scores", member, first, ".npz"), seed, 1.0)
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ITM_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "itm-intervals-test")
+    metrics = seed_path(tmp_path / "metrics", name, first, ".json")
+    arguments = ["--params", str(REPO / "params.yaml"), "--name", name, "--scores", str(tmp_path / "scores"),
+                 "--metrics", str(metrics)]  # fmt: skip
+    unknown = max(params.train.seeds) + 1
+    with pytest.raises(UserError, match=rf"--seed {unknown} is not one of train.seeds"):
+        ensemble.main([*arguments, "--seed", str(unknown)])
+    ensemble.main(arguments)
+    written = json.loads(metrics.read_text())
+    assert written["test/rsum_ci_low"] < written["test/rsum"] < written["test/rsum_ci_high"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["itm-intervals-test"], output_format="list")
+    logged = run.data.metrics
+    assert {key: logged[key] for key in written} == pytest.approx(written)  # every bound, beside its figure
+    assert run.data.params["bootstrap.resamples"] == str(params.evaluate.bootstrap.resamples)
+    assert run.info.run_name == f"ensemble@{name}-{first}" and run.data.tags["itm.seed"] == str(first)

@@ -39,8 +39,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("itm.evaluate", "itm.pair_attention", "itm.published"),
     ("itm.models",),
     ("itm.data",),
-    ("itm.stage_runner",),
-    ("itm.config", "itm.distributed", "itm.tracking", "itm.atomic", "itm.device", "itm.safe_load"),
+    ("itm.stage_runner", "itm.measurements"),
+    ("itm.config", "itm.distributed", "itm.tracking", "itm.atomic", "itm.device", "itm.safe_load", "itm.seeds"),
+    ("itm.environment",),
     ("itm.launch",),
     ("itm.errors",),
 )

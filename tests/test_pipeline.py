@@ -4,40 +4,80 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.tiny_repo import md5, run, tiny_repo_fixture  # noqa: F401 - provides the `tiny_repo` fixture
+from tests.tiny_repo import file_differences, make_tiny_repo, md5, run, tracked_files
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    """The tiny repository after one `dvc repro`, what that printed, its dvc.lock and tracked files as they were
+    then, and an untouched copy of the repository made before it ran (same commit, another folder)."""
+
+    repo: Path
+    stdout: str
+    lock: bytes
+    files: dict[str, bytes]
+    fresh: Path
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    base = tmp_path_factory.mktemp("pipeline")
+    repo = make_tiny_repo(base / "repo")
+    fresh = Path(shutil.copytree(repo, base / "fresh", symlinks=True))
+    with pytest.MonkeyPatch.context() as monkeypatch:  # set up before conftest's per-test `_tracking_off`
+        monkeypatch.setenv("ITM_TRACKING", "off")
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        first = run(["dvc", "repro"], repo)
+    return Reproduced(repo, first.stdout, (repo / "dvc.lock").read_bytes(), tracked_files(repo), fresh)
+
+
+def _matchers(repo: Path) -> list[str]:
+    return list(yaml.safe_load((repo / "params.yaml").read_text())["matchers"])
+
+
+def _ran(stdout: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", stdout))
 
 
 @pytest.mark.slow
-def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo: Path) -> None:
-    first = run(["dvc", "repro"], tiny_repo)
-    matchers = list(yaml.safe_load((tiny_repo / "params.yaml").read_text())["matchers"])
+def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(reproduced: Reproduced) -> None:
+    tiny_repo = reproduced.repo
+    matchers = _matchers(tiny_repo)
     stages = [
         "download",
         "detector",
         "regions",
         "tokenize",
-        *(f"{s}@{m}" for s in ("train", "evaluate") for m in matchers),
+        *(f"{s}@{m}-0" for s in ("train", "evaluate") for m in matchers),
     ]
-    for stage in [*stages, "ensemble@scan_ensemble", "compare"]:
-        assert f"Running stage '{stage}'" in first.stdout
+    assert _ran(reproduced.stdout) == {*stages, "ensemble@scan_ensemble-0", "compare"}
     report = (tiny_repo / "reports" / "comparison.md").read_text()
     for name in [*matchers, "scan_ensemble"]:
         assert f"| {name} |" in report
+    assert "rSum over seeds" not in report  # one seed: no spread to show
     figures = {path.name for path in (tiny_repo / "reports" / "figures").iterdir()}
     assert {"training_curves.png", "recall_bars_test.png", "attention_scan_t2i_avg.png", "views_mvam.png"} <= figures
     assert {f"retrieval_t2i_{name}.png" for name in [*matchers, "scan_ensemble"]} <= figures
     assert (tiny_repo / "models" / "detector" / "card.json").is_file()
     assert (tiny_repo / "data" / "regions" / "test" / "features.npy").is_file()
+    for name in matchers:
+        assert (tiny_repo / "models" / name / "seed0" / "model.pt").is_file()
+        assert (tiny_repo / "data" / "scores" / name / "seed0.npz").is_file()
+        assert (tiny_repo / "plots" / name / "seed0" / "recall_curve.json").is_file()
+        assert (tiny_repo / "data" / "work" / "train" / name / "seed0" / "run.json").is_file()  # times, untracked
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
     shown = json.dumps(metrics)
     assert "test/gt_coverage_iou50" in shown and "val/object_ap50" in shown
     for name in [*matchers, "scan_ensemble"]:
-        assert f"metrics/{name}.json" in shown and '"test/rsum"' in shown
+        assert f"metrics/{name}/seed0.json" in shown and '"test/rsum"' in shown
+    assert "seconds" not in shown  # times live in the runs' records, not in what DVC tracks
     dataset_json = tiny_repo / "data" / "raw" / "synthetic" / "dataset.json"
     test_captions = tiny_repo / "data" / "captions" / "test.parquet"
     before = md5(dataset_json), md5(test_captions)
@@ -54,8 +94,8 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo:
     run(["git", "add", "dvc.lock"], tiny_repo)
     run(["git", "commit", "-qm", "lock"], tiny_repo)
     one_matcher = run(["dvc", "exp", "run", "-S", "matchers.scan_t2i_avg.lambda_softmax=4"], tiny_repo).stdout
-    ran = set(re.findall(r"Running stage '([^']+)'", one_matcher))
-    assert ran == {"train@scan_t2i_avg", "evaluate@scan_t2i_avg", "ensemble@scan_ensemble", "compare"}, ran
+    ran = _ran(one_matcher)
+    assert ran == {"train@scan_t2i_avg-0", "evaluate@scan_t2i_avg-0", "ensemble@scan_ensemble-0", "compare"}, ran
     compared = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], tiny_repo).stdout)
     assert "test.scan_t2i_avg.rsum" in compared["reports/comparison.json"]
     plotted = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], tiny_repo).stdout)
@@ -65,3 +105,32 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(tiny_repo:
     assert "Running stage 'download'" in experiment.stdout
     assert (md5(dataset_json), md5(test_captions)) != before
     assert yaml.safe_load((tiny_repo / "params.yaml").read_text())["datasets"]["synthetic"]["seed"] == 7
+
+
+@pytest.mark.slow
+def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stages(reproduced: Reproduced) -> None:
+    """Every tracked output is a function of code, params and data on one machine: the same commit, run again in
+    another folder, writes the same bytes and so the same dvc.lock. Then a second seed adds its own train, evaluate
+    and ensemble stages and leaves seed 0's as they are; the report shows the spread of rSum over the two seeds."""
+    fresh = reproduced.fresh
+    second = run(["dvc", "repro"], fresh)
+    assert _ran(second.stdout) == _ran(reproduced.stdout)  # nothing came from elsewhere (no shared cache)
+    differences = file_differences(reproduced.files, tracked_files(fresh))
+    assert not differences, "outputs of the second run differ:\n" + "\n".join(differences)
+    assert (fresh / "dvc.lock").read_bytes() == reproduced.lock
+
+    run(["git", "add", "dvc.lock"], fresh)
+    run(["git", "commit", "-qm", "lock"], fresh)
+    two_seeds = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]"], fresh).stdout
+    matchers = _matchers(fresh)
+    new = {f"{stage}@{name}-1" for stage in ("train", "evaluate") for name in matchers}
+    ran = _ran(two_seeds)
+    assert ran == {*new, "ensemble@scan_ensemble-1", "compare"}, sorted(ran)
+    lock = yaml.safe_load((fresh / "dvc.lock").read_text())["stages"]
+    seed_zero = {name: entry for name, entry in yaml.safe_load(reproduced.lock)["stages"].items() if "@" in name}
+    assert {name: lock[name] for name in seed_zero} == seed_zero  # seed 0's stages and outputs as they were
+    report = (fresh / "reports" / "comparison.md").read_text()
+    assert "rSum over seeds" in report
+    for name in [*matchers, "scan_ensemble"]:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        assert re.search(r"\d ± \d+\.\d \(2 seeds\)", row), row

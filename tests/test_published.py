@@ -34,6 +34,7 @@ from itm.report import (
     rsum_points,
     with_published,
 )
+from itm.seeds import seed_path
 from itm.tracking import NullTracker
 
 SCAN_T2I_AVG = "SCAN t-i AVG (λ1=9)"
@@ -52,9 +53,9 @@ def test_the_data_file_holds_the_figures_the_comparison_needs() -> None:
     found = {(f.match, f.dataset, f.protocol) for f in figures}
     star = ensemble_key(["scan_t2i_avg", "scan_i2t_lse"])
     for dataset, protocol in (("flickr30k", "test"), ("coco", "test_5fold1k")):
-        for key in ("vsepp", "scan_t2i_avg", "scan_i2t_avg", "scan_i2t_lse", star, "cvse", "vse_infinity"):
+        for key in ("vsepp", "scan_t2i_avg", "scan_i2t_avg", "scan_i2t_lse", star, "cvse", "vse_infty"):
             assert (key, dataset, protocol) in found, (key, dataset, protocol)
-    for key in ("vsepp", "scan_i2t_lse", star, "vse_infinity"):
+    for key in ("vsepp", "scan_i2t_lse", star, "vse_infty"):
         assert (key, "coco", "test_5k") in found, key
     for figure in figures:
         assert abs(sum(figure.recalls.values()) - figure.rsum) <= 0.3 + 1e-6, figure.model
@@ -81,19 +82,19 @@ def _save(models: Path, name: str, params: dict[str, object], weights: dict[str,
     matcher = build_matcher(matcher_params, MatcherInputs(5, 10))
     card = {"name": name, "kind": matcher_params.kind, "params": matcher_params.model_dump(mode="json"),
             "feature_dim": 5, "vocab_size": 10, "vocab_digest": "x"}  # fmt: skip
-    save_matcher(models / name, matcher.state_dict(), card | ({"weights": weights} if weights else {}))
+    save_matcher(seed_path(models, name, 0), matcher.state_dict(), card | ({"weights": weights} if weights else {}))
 
 
 @pytest.fixture
 def flickr30k_entries(tmp_path: Path) -> list[Entry]:
     """A trained SCAN t-i AVG (`t2i`), an imported SCAN i-t LSE (`i2t`) and their ensemble, on Flickr30K `test`."""
     metrics, models = tmp_path / "metrics", tmp_path / "models"
-    metrics.mkdir()
     _save(models, "t2i", {"kind": "scan", "direction": "t2i", "pooling": "avg"})
     weights = {"source": "https://example.org/scan_f30k_i2t.pth.tar", "sha256": "0" * 64, "layout": "scan"}
     _save(models, "i2t", {"kind": "scan", "direction": "i2t", "pooling": "lse"}, weights)
     for name, base in (("t2i", 50.0), ("i2t", 40.0), ("ens", 60.0)):
-        (metrics / f"{name}.json").write_text(json.dumps(_recalls("test", base)))
+        (metrics / name).mkdir(parents=True)
+        seed_path(metrics, name, 0, ".json").write_text(json.dumps(_recalls("test", base)))
     return read_entries(metrics, models, ["t2i", "i2t"], {"ens": ["t2i", "i2t"]})
 
 
@@ -143,6 +144,7 @@ def test_the_compare_stage_writes_published_rows_to_the_table_but_not_the_metric
 
     monkeypatch.setattr(itm.compare, "draw_figures", lambda *args: [])  # figures: their own tests
     monkeypatch.setattr(itm.compare, "log_comparison", lambda *args: None)
+    monkeypatch.setattr(itm.compare, "pairwise_comparisons", lambda *args: {})  # tests: test_compare.py
     inputs = itm.compare.Inputs(tmp_path / "metrics", tmp_path / "models", tmp_path, tmp_path, tmp_path, tmp_path)
     out = tmp_path / "reports"
     examples = itm.compare.Examples()

@@ -19,6 +19,7 @@ from itm.data.regions import RegionStore
 from itm.data.text import tokenize
 from itm.data.vocab import SPECIALS
 from itm.evaluate.score_file import SplitScores
+from itm.measurements import read_record
 from tests import cvse_original as cvse
 from tests.tiny_repo import make_tiny_repo, run
 
@@ -79,15 +80,16 @@ def test_a_cvse_checkpoint_is_imported_evaluated_and_compared(tmp_path: Path, mo
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     done = run(["dvc", "repro", "compare"], repo)
-    assert f"Running stage 'train@{NAME}'" in done.stdout
-    card = json.loads((repo / "models" / NAME / "card.json").read_text())
+    assert f"Running stage 'train@{NAME}-0'" in done.stdout
+    card = json.loads((repo / "models" / NAME / "seed0" / "card.json").read_text())
     assert card["weights"]["layout"] == "cvse" and card["best_rsum"] == pytest.approx(497.6)
     assert card["params"]["region_norm"] == "slots" and card["params"]["caption_concepts"] == "words"
     assert NAME in (repo / "reports" / "comparison.md").read_text()
 
     # the test scores equal CVSE's own code on the same regions and caption texts, for every caption whose words are
     # all in the vocabulary (CVSE lemmatises a word outside it too, "diamonds" -> diamond; we read it as <unk>)
-    scores = SplitScores.load(repo / "data" / "scores" / f"{NAME}.npz")
+    score_file = repo / "data" / "scores" / NAME / "seed0.npz"
+    scores = SplitScores.load(score_file)
     store = RegionStore(repo / "data" / "regions" / "test")
     table = pq.read_table(repo / "data" / "captions" / "test.parquet").to_pydict()
     text_of = dict(zip(table["caption_id"], table["text"], strict=True))
@@ -107,9 +109,11 @@ def test_a_cvse_checkpoint_is_imported_evaluated_and_compared(tmp_path: Path, mo
     torch.testing.assert_close(ours[:, in_vocabulary], expected[:, in_vocabulary], atol=1e-5, rtol=0)
 
     # CVSE's own protocol: the converted model's labels are completed from the neighbouring test captions
-    metrics = json.loads((repo / "metrics" / f"{NAME}.json").read_text())
-    assert metrics["test/transductive_concepts"] == 0
-    run(["dvc", "exp", "run", f"evaluate@{NAME}", "-S", "evaluate.transductive_concepts=true"], repo)
-    completed = json.loads((repo / "metrics" / f"{NAME}.json").read_text())
-    assert completed["test/transductive_concepts"] == 1 and completed["test/completion_seconds"] > 0
-    assert SplitScores.load(repo / "data" / "scores" / f"{NAME}.npz").scores.ne(scores.scores).any()
+    metrics_file = repo / "metrics" / NAME / "seed0.json"
+    assert json.loads(metrics_file.read_text())["test/transductive_concepts"] == 0
+    run(["dvc", "exp", "run", f"evaluate@{NAME}-0", "-S", "evaluate.transductive_concepts=true"], repo)
+    completed = json.loads(metrics_file.read_text())
+    assert completed["test/transductive_concepts"] == 1
+    timing = read_record(repo / "data" / "work" / "evaluate" / NAME / "seed0", score_file)  # the run's times
+    assert timing is not None and timing["test/completion_seconds"] > 0
+    assert SplitScores.load(score_file).scores.ne(scores.scores).any()

@@ -23,6 +23,7 @@ from tests import scan_original as scan
 from tests.tiny_repo import environment, make_tiny_repo, run
 
 NAME = "scan_published"
+MODEL = Path("models", NAME, "seed0")  # train@scan_published-0's output: a conversion, the same for every seed
 
 
 def _published_checkpoint(repo: Path, folder: Path) -> dict[str, object]:
@@ -65,9 +66,9 @@ def test_a_scan_checkpoint_is_imported_evaluated_and_compared(tmp_path: Path) ->
     weights = _published_checkpoint(repo, tmp_path / "scan")
 
     done = run(["dvc", "exp", "run", "compare", *_only_matcher(weights)], repo)
-    assert f"Running stage 'train@{NAME}'" in done.stdout
+    assert f"Running stage 'train@{NAME}-0'" in done.stdout
     assert yaml.safe_load((repo / "params.yaml").read_text())["matchers"][NAME]["weights"]["layout"] == "scan"
-    card = json.loads((repo / "models" / NAME / "card.json").read_text())
+    card = json.loads((repo / MODEL / "card.json").read_text())
     assert card["weights"] == {"source": weights["source"], "sha256": weights["sha256"], "layout": "scan"}
     assert card["options"]["cross_attn"] == "t2i" and card["best_rsum"] == pytest.approx(446.2)
     assert card["params"]["pooling"] == "avg" and card["tokenization"] == "nltk"
@@ -77,7 +78,7 @@ def test_a_scan_checkpoint_is_imported_evaluated_and_compared(tmp_path: Path) ->
 
     # the test scores equal SCAN's own code on the same regions and caption texts (each image on its own: the tiny
     # images have different numbers of regions, which SCAN's 36 fixed boxes never do)
-    scores = SplitScores.load(repo / "data" / "scores" / f"{NAME}.npz")
+    scores = SplitScores.load(repo / "data" / "scores" / NAME / "seed0.npz")
     store = RegionStore(repo / "data" / "regions" / "test")
     table = pq.read_table(repo / "data" / "captions" / "test.parquet").to_pydict()
     text_of = dict(zip(table["caption_id"], table["text"], strict=True))
@@ -102,9 +103,9 @@ def test_a_wrong_checksum_stops_the_conversion_with_one_line(tmp_path: Path) -> 
     weights = _published_checkpoint(repo, tmp_path / "scan") | {"sha256": "0" * 64}
     _set_matchers(repo, weights)
     command = ["python", "-m", "stages.train", "--matcher", NAME, "--regions", "data/regions", "--captions",
-               "data/captions", "--out", f"models/{NAME}", "--work", f"data/work/train/{NAME}"]  # fmt: skip
+               "data/captions", "--out", str(MODEL), "--work", f"data/work/train/{NAME}/seed0"]  # fmt: skip
     done = subprocess.run(command, cwd=repo, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "sha256" in errors[0], done.stderr
-    assert not (repo / "models" / NAME).exists()
+    assert not (repo / MODEL).exists()

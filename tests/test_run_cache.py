@@ -16,11 +16,14 @@ import psutil
 import pytest
 import yaml
 
+from itm.measurements import RUN_FILE
 from tests.tiny_repo import environment, make_tiny_repo, run
 
 MATCHER = "vsepp"  # one global vector per side: the cheapest matcher to train
-TRAIN, EVALUATE = f"train@{MATCHER}", f"evaluate@{MATCHER}"
-CHECKPOINT = Path("data", "work", "train", MATCHER, "checkpoint.pt")
+TRAIN, EVALUATE = f"train@{MATCHER}-0", f"evaluate@{MATCHER}-0"
+MODEL = Path("models", MATCHER, "seed0")
+CHECKPOINT = Path("data", "work", "train", MATCHER, "seed0", "checkpoint.pt")
+EVALUATION_RECORD = Path("data", "work", "evaluate", MATCHER, "seed0", RUN_FILE)  # the evaluation's times
 
 
 @pytest.fixture(scope="module")
@@ -37,33 +40,32 @@ def repo(upstream: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(upstream, tmp_path / "repo", symlinks=True))
 
 
-def _set_params(repo: Path, **matcher: object) -> None:
+def _set_params(repo: Path, train: dict[str, object] | None = None, **matcher: object) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["matchers"][MATCHER] |= matcher
+    params["train"] |= train or {}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def _recalls(metrics: str) -> dict[str, float]:
-    """The retrieval figures of a metrics file, without the timings (which differ on every run)."""
-    return {key: value for key, value in json.loads(metrics).items() if "seconds" not in key}
 
 
 @pytest.mark.slow
 def test_an_experiment_run_again_with_earlier_params_is_restored_from_the_run_cache(repo: Path) -> None:
-    _set_params(repo, epochs=3)
-    metrics = repo / "metrics" / f"{MATCHER}.json"
-    runs, shown = [], []
+    _set_params(repo, max_epochs=3)
+    metrics = repo / "metrics" / MATCHER / "seed0.json"
+    runs, shown, records = [], [], []
     for value in ("true", "false", "true"):
         done = run(["dvc", "exp", "run", EVALUATE, "-S", f"matchers.{MATCHER}.max_violation={value}"], repo)
         runs.append(done.stdout)
         shown.append(metrics.read_text())  # `dvc exp run` applies its results to the workspace
+        records.append((repo / EVALUATION_RECORD).read_text())  # untracked: left as the last run wrote it
     first, second, third = runs
     for stage in (TRAIN, EVALUATE):
         assert f"Running stage '{stage}'" in first and f"Running stage '{stage}'" in second
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in third, third
         assert f"Running stage '{stage}'" not in third, third
-    assert _recalls(shown[1]) != _recalls(shown[0])  # the parameter changes the model
-    assert shown[2] == shown[0]  # the first run's own file, timings included: nothing was run again
+    assert not any("seconds" in key for key in json.loads(shown[0]))  # times live in run.json
+    assert shown[1] != shown[0]  # the parameter changes the model
+    assert shown[2] == shown[0]  # the first run's file, restored
+    assert records[2] == records[1] != records[0]  # nothing was evaluated again: the record is the second run's
     assert yaml.safe_load((repo / "params.yaml").read_text())["matchers"][MATCHER]["max_violation"] is True
 
 
@@ -95,7 +97,7 @@ def _kill_stage(dvc: subprocess.Popen, module: str) -> int:
 @pytest.mark.slow
 def test_a_killed_training_resumes_from_its_checkpoint(repo: Path, tmp_path: Path) -> None:
     epochs = 20  # the stage is killed right after the first epoch's checkpoint; the rest are for the resumed run
-    _set_params(repo, epochs=epochs)
+    _set_params(repo, train={"patience": None}, max_epochs=epochs)  # every epoch, no early stop
     log = tmp_path / "interrupted.log"
     with log.open("w") as output:
         stage = subprocess.Popen(
@@ -117,13 +119,14 @@ def test_a_killed_training_resumes_from_its_checkpoint(repo: Path, tmp_path: Pat
     assert status != 0, interrupted
     assert f"failed to reproduce '{TRAIN}'" in interrupted, interrupted
     assert (repo / CHECKPOINT).is_file()
-    assert not (repo / "models" / MATCHER).exists(), "an interrupted training left a model behind"
+    assert not (repo / MODEL).exists(), "an interrupted training left a model behind"
 
     resumed = run(["dvc", "repro", TRAIN], repo)
     assert f"Running stage '{TRAIN}'" in resumed.stdout
     done = [int(epoch) for epoch in re.findall(r"resuming after epoch (\d+) from ", resumed.stderr)]
     assert len(done) == 1 and 1 <= done[0] < epochs, resumed.stderr
-    card = json.loads((repo / "models" / MATCHER / "card.json").read_text())
-    assert len(card["history"]) == epochs  # the epochs before the interrupt and those after it
+    card = json.loads((repo / MODEL / "card.json").read_text())
+    assert len(card["history"]) == epochs == card["training"]["epochs"]  # those before the interrupt and after it
+    assert card["training"]["stopped"] == "cap"
     assert not (repo / CHECKPOINT).exists()  # removed once the model is saved
     assert "Data and pipelines are up to date." in run(["dvc", "status", TRAIN], repo).stdout

@@ -50,6 +50,7 @@ from itm.search import (
     shortlist_rank,
     text_query,
 )
+from itm.seeds import seed_path
 from stages import train
 from tests.conftest import TINY_DETECTOR, TINY_SYNTHETIC
 from tests.test_convert import random_detector
@@ -60,6 +61,7 @@ CPU = torch.device("cpu")
 N_IMAGES = TINY_SYNTHETIC["splits"]["test"]
 N_CAPTIONS = 5 * N_IMAGES
 TRAINED = ("scan_t2i_avg", "scan_i2t_lse", "vsepp", "cvse")
+KNOWN = "trained models in models: " + ", ".join(f"{name}/seed0" for name in sorted(TRAINED))
 
 
 # --- fixtures -------------------------------------------------------------------------------------------------------
@@ -72,18 +74,18 @@ def repo(prepared: Path, tiny_synthetic: Path) -> Path:  # noqa: F811
     if not raw.exists():
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.symlink_to(tiny_synthetic, target_is_directory=True)
-    for name in TRAINED:
-        if not (prepared / "models" / name / "model.pt").is_file():
-            train.main(["--params", str(prepared / "params.yaml"), "--matcher", name,
+    for name in TRAINED:  # seed 0, the first of train.seeds, as train@<name>-0 trains it
+        if not (seed_path(prepared / "models", name, 0) / "model.pt").is_file():
+            train.main(["--params", str(prepared / "params.yaml"), "--matcher", name, "--seed", "0",
                         "--regions", str(prepared / "data/regions"), "--captions", str(prepared / "data/captions"),
-                        "--out", str(prepared / "models" / name), "--work", str(prepared / "work" / name),
-                        "--workers", "0"])  # fmt: skip
+                        "--out", str(seed_path(prepared / "models", name, 0)),
+                        "--work", str(seed_path(prepared / "data/work/train", name, 0)), "--workers", "0"])  # fmt: skip
     return prepared
 
 
 def _index(repo: Path, name: str, regions: Path | None = None, models: Path | None = None) -> SearchIndex:
     data = DataFolders(regions or repo / "data/regions", repo / "data/captions", repo / "data/raw/synthetic")
-    return open_index((models or repo / "models") / name, data, "test", device=CPU, batch_size=16)
+    return open_index(seed_path(models or repo / "models", name, 0), data, "test", device=CPU, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +93,14 @@ def full_scores(repo: Path) -> dict[str, SplitScores]:
     """The evaluation's test matrix of every trained matcher."""
     matrices = {}
     for name in TRAINED:
-        path = repo / "scores" / f"{name}.npz"
+        path = seed_path(repo / "data/scores", name, 0, ".npz")
         data = DataFolders(repo / "data/regions", repo / "data/captions")
-        evaluate_matcher(repo / "models" / name, data, "synthetic", scores_path=path, device=CPU, batch_size=16,
-                         precision="fp32")  # fmt: skip
+        evaluation = evaluate_matcher(seed_path(repo / "models", name, 0), data, "synthetic", scores_path=path,
+                                      device=CPU, batch_size=16, precision="fp32")  # fmt: skip
+        # the metrics (what the metrics file holds) carry no time: the times are measured apart
+        assert not [key for key in evaluation.metrics if "seconds" in key]
+        assert evaluation.timing.keys() == {"test/seconds_per_query", "test/score_seconds", "test/encode_seconds"}
+        assert all(seconds > 0 for seconds in evaluation.timing.values())
         matrices[name] = SplitScores.load(path)
     return matrices
 
@@ -284,17 +290,19 @@ def detected(repo: Path, tiny_synthetic: Path, tmp_path_factory: pytest.TempPath
             "precision": "fp32"}  # fmt: skip
     write_store(root / "regions" / "test", images, [], architecture.feature_dim, info)
     vocab = load_vocab(repo / "data/captions/vocab.json")
-    _save(root / "models" / "scan", {"kind": "scan", "embed_dim": 16, "word_dim": 8}, architecture.feature_dim, vocab)
+    _save(root / "models", "scan", {"kind": "scan", "embed_dim": 16, "word_dim": 8}, architecture.feature_dim, vocab)
     return root
 
 
-def _save(folder: Path, block: dict, feature_dim: int, vocab: object) -> None:
+def _save(models: Path, name: str, block: dict, feature_dim: int, vocab: object) -> Path:
+    """An untrained matcher saved as train@<name>-0 saves it: models/<name>/seed0; returns that folder."""
     torch.manual_seed(0)
     params = TypeAdapter(MatcherParams).validate_python(block)
     matcher = build_matcher(params, MatcherInputs(feature_dim, len(vocab)))
-    card = {"name": folder.name, "kind": params.kind, "params": params.model_dump(mode="json"),
+    card = {"name": name, "kind": params.kind, "params": params.model_dump(mode="json"), "seed": 0,
             "feature_dim": feature_dim, "vocab_size": len(vocab), "vocab_digest": vocab.digest()}  # fmt: skip
-    save_matcher(folder, matcher.state_dict(), card)
+    save_matcher(seed_path(models, name, 0), matcher.state_dict(), card)
+    return seed_path(models, name, 0)
 
 
 @pytest.mark.slow
@@ -336,9 +344,9 @@ def test_a_pixel_matcher_prepares_an_outside_image_as_its_store(
     config.write_text(json.dumps(TINY_CLIP))
     block = {"kind": "mvam", "embed_dim": 32, "views": 4, "backbone": "open_clip", "clip_model": "itm-search-clip",
              "clip_config": str(config)}  # fmt: skip
-    _save(tmp_path / "models" / "mvam_clip", block, 6, load_vocab(repo / "data/captions/vocab.json"))
+    model_dir = _save(tmp_path / "models", "mvam_clip", block, 6, load_vocab(repo / "data/captions/vocab.json"))
     data = DataFolders(repo / "data/regions", repo / "data/captions", repo / "data/raw/synthetic")
-    index = open_index(tmp_path / "models" / "mvam_clip", data, "test", device=CPU, batch_size=16)
+    index = open_index(model_dir, data, "test", device=CPU, batch_size=16)
     assert index.matcher.pixels is not None
     image_id, path = _test_image(tiny_synthetic, 1)
     indexed = search_image(index, path, Options(top=5), tmp_path / "no-detector")
@@ -356,7 +364,7 @@ def test_a_pixel_matcher_prepares_an_outside_image_as_its_store(
 def test_the_command_prints_a_table_and_writes_sheets(
     repo: Path, tiny_synthetic: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
-    """Run from the repository folder with the default paths (dataset from params.yaml)."""
+    """Run from the repository folder with the default paths (dataset and seed from params.yaml)."""
     monkeypatch.chdir(repo)
     _, _, texts = _test_texts(repo)
     commands.main(["search", "--model", "models/scan_t2i_avg", "--text", texts[0], "--top", "4",
@@ -369,12 +377,12 @@ def test_the_command_prints_a_table_and_writes_sheets(
     assert all(line.split()[-1].startswith("data/raw/synthetic/images/") for line in out[2:])
 
     image_id, path = _test_image(tiny_synthetic, 0)
-    commands.main(["search", "--model", "models/vsepp", "--image", str(path), "--top", str(N_CAPTIONS)])
+    commands.main(["search", "--model", "models/vsepp/seed0", "--image", str(path), "--top", str(N_CAPTIONS)])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"# vsepp: top {N_CAPTIONS} of {N_CAPTIONS} test captions for image {image_id} (all")
     assert len(out) == 2 + N_CAPTIONS and sum("✓" in line for line in out[2:]) == 5  # its five captions
-    commands.main(["search", "--model", "models/scan_i2t_lse", "--image", str(path), "--shortlist", "20",
-                   "--sheet", str(tmp_path / "image.png")])  # fmt: skip
+    commands.main(["search", "--model", "models/scan_i2t_lse", "--seed", "0", "--image", str(path), "--shortlist",
+                   "20", "--sheet", str(tmp_path / "image.png")])  # fmt: skip
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"# scan_i2t_lse: top 5 of 150 test captions for image {image_id} (20 shortlisted")
     for sheet in ("text.png", "image.png"):
@@ -386,7 +394,12 @@ def test_the_command_prints_a_table_and_writes_sheets(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "models/nope", "--text", "a circle"], "models/nope: no such model folder (trained models in"),
+        (["--model", "models/nope", "--text", "a circle"], f"models/nope: no such model folder ({KNOWN})"),
+        (["--model", "models/nope/seed0", "--text", "a circle"], f"models/nope/seed0: no such model folder ({KNOWN})"),
+        (["--model", "models/vsepp", "--seed", "7", "--text", "a"],
+         "models/vsepp/seed7: no such model folder (trained models in models/vsepp: seed0)"),
+        (["--model", "models/vsepp/seed0", "--seed", "0", "--text", "a"],
+         "--seed picks a model of a matcher's folder, but models/vsepp/seed0 is a model folder"),
         (["--model", "models/scan_t2i_avg", "--text", ""], "--text is empty"),
         (["--model", "models/scan_t2i_avg", "--text", "?!"], "the query '?!' has no words"),
         (["--model", "models/scan_t2i_avg", "--text", "zyzzyva quux"], "vocabulary (63 words): zyzzyva, quux"),

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from itm.config import Params
+from itm.config import Params, TrainParams
 from tests.import_graph import REPO, ImportGraph
 
 CODE = ("itm/", "stages/", "bench/")  # deps that are code; the others are data, outputs of other stages
@@ -28,10 +28,12 @@ NOT_RESULTS = {
 
 
 def stages(root: Path = REPO) -> dict[str, dict[str, Any]]:
-    """Each stage of `root`/dvc.yaml by its name, `<name>@` for a `foreach` stage (whose template is its `do:`)."""
+    """Each stage of `root`/dvc.yaml by its name, `<name>@` for a `foreach` stage (whose template is its `do:`) or a
+    `matrix` one."""
     found = {}
     for name, definition in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
-        found[f"{name}@" if "foreach" in definition else name] = definition.get("do", definition)
+        generated = "foreach" in definition or "matrix" in definition
+        found[f"{name}@" if generated else name] = definition.get("do", definition)
     return found
 
 
@@ -84,6 +86,13 @@ def test_every_tracked_param_is_in_the_schema() -> None:
         if key.split(".")[0] not in Params.model_fields
     ]
     assert not unknown, f"params not in itm.config.Params: {unknown}"
+
+
+def test_training_tracks_every_train_setting_but_the_seeds() -> None:
+    """A new seed adds stages; it must not change the params of the other seeds' stages (which would run them
+    again), and every other training setting must re-run training when it changes."""
+    tracked = {key for key in stages()["train@"]["params"] if key.startswith("train.") or key == "train"}
+    assert tracked == {f"train.{name}" for name in TrainParams.model_fields if name != "seeds"}
 
 
 # The checks above, on tiny projects written into tmp_path: they can fail, and they read imports as Python runs them.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from itm.tracking import NullTracker, flatten, repository_root, run_tags, start_run, tracking_uri
 
@@ -35,6 +36,8 @@ def test_tags_name_stage_revision_and_experiment(monkeypatch: pytest.MonkeyPatch
     tags = run_tags("tokenize", {"itm.dataset": "synthetic"})
     assert tags["itm.stage"] == "tokenize" and tags["itm.dvc_exp_name"] == "bold-fern"
     assert tags["itm.dataset"] == "synthetic" and tags["itm.git_revision"]
+    assert tags["itm.env.torch"] == torch.__version__ and int(tags["itm.env.threads"]) == torch.get_num_threads()
+    assert tags["itm.env.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_tracking_off_gives_the_null_tracker() -> None:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # several processes
 
 FEATURE_DIM, VOCAB, N_CONCEPTS, REGIONS = 12, 30, 6, 5
 N_PAIRS, GLOBAL_BATCH = 26, 8  # three global batches of 8 (two pairs left over, dropped)
-SETTINGS = TrainParams(epochs=1, batch_size=GLOBAL_BATCH, learning_rate=1.0e-2, precision="fp32")
+SETTINGS = TrainParams(max_epochs=1, batch_size=GLOBAL_BATCH, learning_rate=1.0e-2, precision="fp32")
 MATCHERS = ["vsepp", "scan_t2i_avg", "scan_i2t_lse", "uarda", "cvse", "mh_cvse", "mvam"]
 
 

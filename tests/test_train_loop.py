@@ -1,4 +1,5 @@
-"""The shared training loop: best-by-rSum selection, an interrupted run resumes to the same result, NaN stops it."""
+"""The shared training loop: best-by-rSum selection, early stopping on the validation plateau, the hinge warm-up, an
+interrupted run resumes to the same result, NaN stops it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from itm.config import TrainParams
 from itm.data.batches import Captions, Regions
 from itm.errors import UserError
 from itm.models.base import Encoded, Matcher
+from itm.models.losses import ContrastiveLoss
 from itm.tracking import NullTracker
 from itm.train import loop
-from itm.train.loop import fit, learning_rate
+from itm.train.loop import CAP, PLATEAU, epochs_without_progress, fit, learning_rate, stop_reason
 
 
 class _MeanImage(nn.Module):
@@ -69,7 +71,7 @@ def _batches(epoch: int) -> list[tuple[Regions, Captions]]:
     return out
 
 
-SETTINGS = TrainParams(epochs=4, batch_size=4, learning_rate=1.0e-2, decay_epochs=2)
+SETTINGS = TrainParams(max_epochs=4, patience=None, batch_size=4, learning_rate=1.0e-2, decay_epochs=2)
 
 
 def _validate(matcher: Matcher) -> dict[str, float]:
@@ -77,9 +79,11 @@ def _validate(matcher: Matcher) -> dict[str, float]:
     return {"rsum": float(matcher.image_encoder.project.weight.detach().sum())}
 
 
-def _fit(matcher: Matcher, work: Path, tracker: NullTracker) -> loop.FitResult:
+def _fit(
+    matcher: Matcher, work: Path, tracker: NullTracker, settings: TrainParams = SETTINGS, validate=_validate
+) -> loop.FitResult:
     return fit(
-        matcher, _batches, _validate, SETTINGS, work_dir=work, fingerprint="r1", tracker=tracker,
+        matcher, _batches, validate, settings, work_dir=work, fingerprint="r1", tracker=tracker,
         device=torch.device("cpu"), label="toy",
     )  # fmt: skip
 
@@ -92,6 +96,9 @@ def test_selects_the_best_epoch_and_logs_every_epoch(tmp_path: Path) -> None:
     assert result.best_epoch == 1 + max(range(4), key=lambda i: rsums[i])
     assert result.best_metrics["rsum"] == max(rsums)
     assert all(math.isfinite(figures["train/loss"]) for figures in result.history)
+    assert result.stopped == CAP and result.epochs == 4 and result.pairs_seen == 4 * 3 * 4  # epochs x batches x 4
+    assert not any("seconds" in key for figures in result.history for key in figures)  # times are kept apart
+    assert len(result.epoch_seconds) == 4 and all(seconds > 0 for seconds in result.epoch_seconds)
 
 
 def test_resume_reaches_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,3 +165,69 @@ def test_a_loss_reports_after_every_epoch(tmp_path: Path) -> None:
     _fit(matcher, tmp_path, tracker)
     assert [figures["train/batches_seen"] for figures, _ in tracker.metrics] == [3.0] * 4
     assert _matcher().end_epoch() == {}  # a loss without the hook reports nothing
+
+
+class _Scripted:
+    """Validation figures read from a script, one per call."""
+
+    def __init__(self, rsums: list[float]) -> None:
+        self.rsums = iter(rsums)
+
+    def __call__(self, matcher: Matcher) -> dict[str, float]:
+        return {"rsum": next(self.rsums)}
+
+
+def test_progress_counts_only_gains_above_min_delta() -> None:
+    assert epochs_without_progress([], 1.0) == 0
+    assert epochs_without_progress([1.0, 5.0, 5.5, 4.0], 1.0) == 2  # 5.5 is not 1 point above 5
+    assert epochs_without_progress([1.0, 5.0, 5.5, 4.0], 0.0) == 1
+    plateau = SETTINGS.model_copy(update={"patience": 2, "min_delta": 1.0, "max_epochs": 10})
+    assert stop_reason([1.0, 5.0, 5.5], plateau) is None
+    assert stop_reason([1.0, 5.0, 5.5, 4.0], plateau) == PLATEAU
+    assert stop_reason([float(n) * 2 for n in range(10)], plateau) == CAP
+    assert stop_reason([1.0] * 9, SETTINGS.model_copy(update={"max_epochs": 10})) is None  # no patience: to the cap
+
+
+def test_stops_on_the_plateau_and_keeps_the_best_epoch(tmp_path: Path) -> None:
+    settings = SETTINGS.model_copy(update={"patience": 2, "min_delta": 1.0, "max_epochs": 10})
+    scripted = _Scripted([1.0, 5.0, 5.5, 4.0, 3.0, 9.0])
+    result = _fit(_matcher(), tmp_path, NullTracker(), settings, scripted)
+    assert result.stopped == PLATEAU and result.epochs == 4  # epochs 3 and 4 gained less than min_delta
+    assert result.best_epoch == 3 and result.best_metrics["rsum"] == 5.5  # any gain still selects the weights
+    assert list(scripted.rsums) == [3.0, 9.0]  # the fifth epoch never ran
+
+
+def test_a_resumed_run_stops_where_it_would_have(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = SETTINGS.model_copy(update={"patience": 1, "max_epochs": 10})
+    straight = _fit(_matcher(), tmp_path / "a", NullTracker(), settings)
+    assert straight.stopped == PLATEAU and straight.epochs < 10
+    real = loop._train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[2] == straight.epochs - 1:  # the last epoch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_matcher(), tmp_path / "b", NullTracker(), settings)
+    monkeypatch.setattr(loop, "_train_one_epoch", real)
+    resumed = _fit(_matcher(), tmp_path / "b", NullTracker(), settings)
+    assert (resumed.epochs, resumed.best_epoch, resumed.stopped) == (straight.epochs, straight.best_epoch, PLATEAU)
+    assert resumed.history == straight.history
+
+
+def test_the_warmup_sums_every_violation_then_takes_the_hardest(tmp_path: Path) -> None:
+    hinge = ContrastiveLoss(0.2, max_violation=True)
+    scores = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
+    hinge.warming_up = True
+    assert torch.equal(hinge(scores)["loss"], ContrastiveLoss(0.2, max_violation=False)(scores)["loss"])
+    hinge.warming_up = False
+    assert hinge(scores)["loss"] < ContrastiveLoss(0.2, max_violation=False)(scores)["loss"]
+
+    torch.manual_seed(0)
+    matcher = Matcher(_MeanImage(), _BagText(), _Cosine(), ContrastiveLoss(0.2, max_violation=True))
+    settings = SETTINGS.model_copy(update={"warmup_epochs": 2})
+    result = _fit(matcher, tmp_path, NullTracker(), settings)
+    assert [figures["train/warmup"] for figures in result.history] == [1.0, 1.0, 0.0, 0.0]
+    assert not matcher.loss.warming_up  # the trained model ranks with its own loss setting

@@ -12,10 +12,13 @@ elsewhere, e.g. for a module-scoped fixture):
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -68,9 +71,68 @@ def make_tiny_repo(repo: Path) -> Path:
     params["regions"] |= {"min_boxes": 3, "max_boxes": 10}
     for block in params["matchers"].values():
         block |= {"embed_dim": 16, "word_dim": 8}
-    params["train"] |= {"epochs": 1, "batch_size": 32}
+    params["train"] |= {"max_epochs": 1, "batch_size": 32}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "tiny pipeline"], repo)
     return repo
+
+
+def tracked_files(repo: Path) -> dict[str, bytes]:
+    """Every file of every output `dvc.lock` records (models, metrics, plots, reports, data), by its path relative to
+    `repo`."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    files = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):  # the lock lists metrics and plots among the outs
+            path = repo / out["path"]
+            for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+                files[file.relative_to(repo).as_posix()] = file.read_bytes()
+    return files
+
+
+def file_differences(first: dict[str, bytes], second: dict[str, bytes]) -> list[str]:
+    """One line per file that differs between two `tracked_files`: which keys of a JSON file, which members of a zip
+    archive (.pt, .npz), else the sizes and the first differing byte."""
+    lines = []
+    for name in sorted(first.keys() | second.keys()):
+        a, b = first.get(name), second.get(name)
+        if a == b:
+            continue
+        if a is None or b is None:
+            lines.append(f"{name}: only in the {'second' if a is None else 'first'} run")
+        else:
+            lines.append(f"{name}: {_bytes_difference(name, a, b)}")
+    return lines
+
+
+def _bytes_difference(name: str, a: bytes, b: bytes) -> str:
+    if name.endswith(".json"):
+        keys = _json_differences(json.loads(a), json.loads(b), "")
+        return f"JSON differs at {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
+    if a[:2] == b[:2] == b"PK":
+        with zipfile.ZipFile(io.BytesIO(a)) as one, zipfile.ZipFile(io.BytesIO(b)) as two:
+            members = sorted(
+                m for m in set(one.namelist()) | set(two.namelist())
+                if m not in one.namelist() or m not in two.namelist() or one.read(m) != two.read(m)
+            )  # fmt: skip
+            dates = one.infolist()[0].date_time, two.infolist()[0].date_time
+        return f"zip members differ: {members or 'none (only the archive metadata)'}; first entry dated {dates}"
+    offset = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return f"{len(a)} vs {len(b)} bytes, first difference at byte {offset}"
+
+
+def _json_differences(a: object, b: object, where: str) -> list[str]:
+    """The paths (`history[0].train/loss`) at which two JSON documents differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = []
+        for key in sorted(a.keys() | b.keys(), key=str):
+            found += _json_differences(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+        return found
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        found = []
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found += _json_differences(x, y, f"{where}[{i}]")
+        return found
+    return [] if a == b else [f"{where or '(root)'}: {a!r} vs {b!r}"[:200]]

@@ -1,7 +1,9 @@
 """A detector on disk: `model.pt` (state dict, frozen batch norm) and `card.json` describing it.
 
 The card records the architecture, the class and attribute names (without background / "no attribute"), where the
-weights came from, the sha256 of `model.pt`, and validation metrics; `load_detector` rebuilds the model from it.
+weights came from, the sha256 of `model.pt`, validation metrics, and the numeric environment it was made in
+(itm/environment.py: a trained detector depends on the CPU kernels and threads); `load_detector` rebuilds the model
+from it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from itm import environment
 from itm.atomic import staged_file, write_json
 from itm.config import DetectorArchitecture
 from itm.detect.model import BottomUpDetector, build_detector
@@ -55,6 +58,7 @@ def save_detector(
         "source": source,
         "sha256": sha256_of(folder / MODEL_FILE),
         "validation": validation,
+        "environment": environment.record(),
     }
     write_card(folder, card)
     return card

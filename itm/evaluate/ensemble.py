@@ -17,6 +17,7 @@ from torch import Tensor
 from itm.errors import UserError
 from itm.evaluate.protocols import protocol_metrics
 from itm.evaluate.score_file import SplitScores
+from itm.evaluate.statistics import Bootstrap, protocol_intervals, with_intervals
 
 
 def average_scores(matrices: Sequence[Tensor]) -> Tensor:
@@ -51,6 +52,8 @@ def ensemble_scores(member_scores: Sequence[Path]) -> SplitScores:
     return SplitScores(averaged, first.image_ids, first.caption_ids, first.caption_image)
 
 
-def evaluate_ensemble(member_scores: Sequence[Path], dataset_kind: str) -> dict[str, float]:
-    """Protocol metrics of the mean of the members' test similarity matrices (`ensemble_scores`)."""
-    return protocol_metrics(ensemble_scores(member_scores), dataset_kind)
+def evaluate_ensemble(member_scores: Sequence[Path], dataset_kind: str, bootstrap: Bootstrap) -> dict[str, float]:
+    """Protocol metrics of the mean of the members' test similarity matrices (`ensemble_scores`), each R@K and rSum
+    with its `bootstrap` interval, as `evaluate@` writes them."""
+    test = ensemble_scores(member_scores)
+    return with_intervals(protocol_metrics(test, dataset_kind), protocol_intervals(test, dataset_kind, bootstrap))

@@ -11,7 +11,8 @@ degenerate matcher (constant scores, e.g. a collapsed embedding) therefore gets 
 Other ground-truth captions of the same image are not competitors of its best one (i2t).
 
 `recall_metrics` is vectorised (whole-matrix comparisons in blocks of rows, no loop over queries) and runs where the
-scores are (CPU or GPU); `naive_recall_metrics` is the per-query loop of SCAN kept as the reference for tests.
+scores are (CPU or GPU); `query_ranks` gives the per-query ranks behind it (what `itm.evaluate.statistics`
+resamples); `naive_recall_metrics` is the per-query loop of SCAN kept as the reference for tests.
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ def recall_metrics(scores: Tensor, caption_image: Tensor, ks: Iterable[int] = RS
     per image, in any order). Keys: `i2t_r{k}`, `i2t_medr`, `i2t_meanr`, the same for `t2i`, and `rsum`; R@1, R@5
     and R@10 are always included because rSum needs them.
     """
-    caption_image = _check(scores, caption_image)
     ks = sorted(set(ks) | set(RSUM_KS))
-    i2t_ranks, t2i_ranks = _ranks(scores, caption_image)
+    i2t_ranks, t2i_ranks = query_ranks(scores, caption_image)
     i2t, t2i = _summarise(i2t_ranks, ks), _summarise(t2i_ranks, ks)
     metrics = {f"i2t_{key}": value for key, value in i2t.items()} | {f"t2i_{key}": value for key, value in t2i.items()}
     metrics["rsum"] = sum(metrics[f"{side}_r{k}"] for side in ("i2t", "t2i") for k in RSUM_KS)
     return metrics
+
+
+def query_ranks(scores: Tensor, caption_image: Tensor) -> tuple[Tensor, Tensor]:
+    """The 0-based rank of every query: i2t [n_img] (an image's best-ranked caption) and t2i [n_cap], int64 on the
+    scores' device, ties counted against the ground truth; R@K is the share of ranks below K. The bootstrap of
+    `itm.evaluate.statistics` resamples these."""
+    return _ranks(scores, _check(scores, caption_image))
 
 
 def _check(scores: Tensor, caption_image: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
-"""The test score file `data/scores/<matcher>.npz`: a matcher's test similarity matrix with the ids of its rows and
-columns, written by `evaluate@` and read by `ensemble@`, `compare` and the figures."""
+"""The test score file `data/scores/<matcher>/seed<seed>.npz`: a matcher's test similarity matrix with the ids of its
+rows and columns, written by `evaluate@` and read by `ensemble@`, `compare` and the figures. The same matrix gives
+the same bytes (`write_npz`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from itm.atomic import staged_file
+from itm.atomic import write_npz
 from itm.errors import UserError
 
 
@@ -21,18 +22,11 @@ class SplitScores:
     image_ids: np.ndarray  # [n_images]
     caption_ids: np.ndarray  # [n_captions]
     caption_image: torch.Tensor  # [n_captions] row of each caption's image
-    run_id: str | None = None  # the MLflow run of the evaluation that scored it
 
     def save(self, path: Path) -> None:
-        with staged_file(path) as tmp, tmp.open("wb") as stream:
-            np.savez(
-                stream,
-                scores=self.scores.numpy(),
-                image_ids=self.image_ids,
-                caption_ids=self.caption_ids,
-                caption_image=self.caption_image.numpy(),
-                run_id=np.array(self.run_id or ""),
-            )
+        arrays = {"scores": self.scores.numpy(), "image_ids": self.image_ids, "caption_ids": self.caption_ids,
+                  "caption_image": self.caption_image.numpy()}  # fmt: skip
+        write_npz(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> SplitScores:
@@ -43,22 +37,9 @@ class SplitScores:
                 saved["image_ids"],
                 saved["caption_ids"],
                 torch.from_numpy(saved["caption_image"]),
-                _run_id(saved),
             )
-
-    @staticmethod
-    def load_run_id(path: Path) -> str | None:
-        """The evaluation run saved with the matrix at `path`, without reading the matrix."""
-        _check_exists(path)
-        with np.load(path) as saved:
-            return _run_id(saved)
 
 
 def _check_exists(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: not found (run the evaluate stage of that matcher first)")
-
-
-def _run_id(saved: np.lib.npyio.NpzFile) -> str | None:
-    """The saved run id; None when it is empty or the file predates it."""
-    return (str(saved["run_id"]) or None) if "run_id" in saved.files else None

@@ -18,7 +18,7 @@ printed table and the contact sheet). Their public names are re-exported here.
 """
 
 from itm.search.engine import Hit, Options, SearchResult, search_image, search_text
-from itm.search.index import SearchIndex, open_index
+from itm.search.index import SearchIndex, is_matcher_folder, open_index
 from itm.search.presentation import format_table, write_sheet
 from itm.search.queries import ImageQuery, detect_regions, image_query, indexed_image_id, query_concepts, text_query
 from itm.search.shortlist import (
@@ -55,6 +55,7 @@ __all__ = [
     "hard_direction",
     "image_query",
     "indexed_image_id",
+    "is_matcher_folder",
     "open_index",
     "pooled_scores",
     "query_concepts",

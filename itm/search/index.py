@@ -1,6 +1,7 @@
 """The search index: one split of the pipeline's data (region or pixel store, captions, image files, vocabulary)
 with the trained matcher that searches it, loaded as `evaluate` loads them; galleries are encoded on demand. Also the
-discovery of the trained models named when a model folder is missing."""
+discovery of the trained models (`models/<matcher>/seed<seed>`, as `train@<matcher>-<seed>` writes them) named when a
+model folder is missing."""
 
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ class SearchIndex:
 def open_index(
     model_dir: Path, data: DataFolders, split: str, *, device: torch.device, batch_size: int = 128
 ) -> SearchIndex:
-    """The matcher of `model_dir` and the split it searches, loaded as `evaluate_matcher` loads them
-    (`data.dataset_dir` is required: the search shows the image files)."""
+    """The matcher of `model_dir` (a model folder, `models/<matcher>/seed<seed>`) and the split it searches, loaded as
+    `evaluate_matcher` loads them (`data.dataset_dir` is required: the search shows the image files)."""
     if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: no such model folder{_known_models(model_dir.parent)}")
+        raise UserError(f"{model_dir}: no such model folder{_known_models(model_dir)}")
+    if not is_matcher_folder(model_dir):
+        raise UserError(f"{model_dir}: not a trained matcher's folder{_known_models(model_dir / MODEL_FILE)}")
     if data.dataset_dir is None:
         raise ValueError("the search index needs the dataset folder (data/raw/<dataset>)")
     matcher, card = load_matcher(model_dir, device, data)
@@ -90,15 +93,20 @@ def open_index(
     )
 
 
-def _known_models(models_dir: Path) -> str:
-    """' (trained models in <dir>: a, b)' for the error message, or '' when there are none."""
-    if not models_dir.is_dir():
-        return ""
-    names = sorted(p.name for p in models_dir.iterdir() if _is_matcher(p))
-    return f" (trained models in {models_dir}: {', '.join(names)})" if names else ""
+def _known_models(missing: Path) -> str:
+    """' (trained models in <dir>: a/seed0, b/seed0)' for the error message about `missing`, or '' when there are
+    none: the model folders one or two levels under its parent, else under its grandparent (`models/` for a missing
+    `models/<matcher>/seed<seed>` of an unknown matcher)."""
+    for root in (missing.parent, missing.parent.parent):
+        if root.is_dir():
+            found = [*root.glob("*"), *root.glob("*/seed*")]
+            names = sorted(str(folder.relative_to(root)) for folder in found if is_matcher_folder(folder))
+            if names:
+                return f" (trained models in {root}: {', '.join(names)})"
+    return ""
 
 
-def _is_matcher(folder: Path) -> bool:
+def is_matcher_folder(folder: Path) -> bool:
     """A trained matcher's folder (the detector's has a model.pt too, but its card has no matcher params)."""
     card = folder / CARD_FILE
     try:

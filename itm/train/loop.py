@@ -6,9 +6,16 @@ checkpoints and logs. Validation runs on every process (the scoring is split ove
 the same best weights.
 
 After every epoch the loop validates (the caller's function returns validation metrics with "rsum"), keeps the best
-weights by validation rSum (SCAN's model selection), and writes a checkpoint atomically. A run that finds a
-checkpoint of the same training run (same fingerprint) resumes after its last finished epoch and ends exactly where
-an uninterrupted run would (same weights, same best epoch) on CPU.
+weights by validation rSum (SCAN's model selection), and writes a checkpoint atomically. Training stops at
+`max_epochs`, or earlier when `patience` epochs in a row brought no validation rSum above the best by more than
+`min_delta` (the plateau); `FitResult.stopped` says which. During the first `warmup_epochs` epochs every hinge loss
+of the matcher sums the violations of all negatives instead of taking the hardest (VSE∞'s warm-up).
+
+A run that finds a checkpoint of the same training run (same fingerprint) resumes after its last finished epoch and
+ends exactly where an uninterrupted run would (same weights, same best epoch, same stopping epoch) on CPU.
+
+The per-epoch `history` holds what the run computed (losses, learning rate, validation recalls, pairs seen) and is
+the same on every run on the same machine; wall-clock times are kept apart (`epoch_seconds`), because they are not.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from itm.device import autocast, running_precision
 from itm.distributed import Context
 from itm.errors import UserError
 from itm.models.base import Matcher
+from itm.models.losses import ContrastiveLoss
 from itm.tracking import Tracker
 from itm.train.batch_norm import with_global_batch_norm
 
@@ -46,21 +54,67 @@ Batches = Callable[[int], Iterable[tuple[Images, Captions]]]  # epoch -> this pr
 Validate = Callable[[Matcher], dict[str, float]]
 
 
+PLATEAU, CAP = "plateau", "cap"  # why training stopped
+TIMING_KEYS = ("train/epoch_seconds", "train/captions_per_second")  # per-epoch measurements, not results
+
+
 @dataclass
 class FitResult:
-    """The best weights by validation rSum, and what happened per epoch."""
+    """The best weights by validation rSum, what happened per epoch, and why training stopped."""
 
     best_state: dict[str, Tensor]
     best_epoch: int  # 1-based
     best_metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch, without wall-clock times
+    epoch_seconds: list[float] = field(default_factory=list)  # per epoch: training and validation
+    stopped: str | None = None  # PLATEAU or CAP once training has ended
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+    @property
+    def pairs_seen(self) -> int:
+        """Caption-image pairs trained on, over all epochs (the compute spent, with the epochs)."""
+        return int(sum(metrics["train/pairs"] for metrics in self.history))
 
 
 def learning_rate(settings: TrainParams, epoch: int) -> float:
-    """Learning rate of a 0-based epoch: x0.1 every `decay_epochs` (SCAN `adjust_learning_rate`) or cosine."""
+    """Learning rate of a 0-based epoch: x0.1 every `decay_epochs` (SCAN `adjust_learning_rate`) or cosine annealing
+    over `max_epochs`."""
     if settings.schedule == "step":
         return settings.learning_rate * 0.1 ** (epoch // settings.decay_epochs)
-    return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * epoch / settings.epochs))
+    return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * epoch / settings.max_epochs))
+
+
+def epochs_without_progress(rsums: list[float], min_delta: float) -> int:
+    """Epochs since the last one whose validation rSum beat every earlier one by more than `min_delta` (the first
+    epoch always counts as progress)."""
+    best, since = -math.inf, 0
+    for rsum in rsums:
+        if rsum > best + min_delta:
+            best, since = rsum, 0
+        else:
+            since += 1
+    return since
+
+
+def stop_reason(rsums: list[float], settings: TrainParams) -> str | None:
+    """PLATEAU when the last `patience` epochs made no progress, CAP at `max_epochs`, else None (go on)."""
+    if (
+        settings.patience is not None
+        and rsums
+        and epochs_without_progress(rsums, settings.min_delta) >= settings.patience
+    ):
+        return PLATEAU
+    return CAP if len(rsums) >= settings.max_epochs else None
+
+
+def warm_up_hinge_losses(matcher: nn.Module, active: bool) -> None:
+    """Make every hinge loss of `matcher` sum all violations (`active`) or use its own `max_violation` again."""
+    for module in matcher.modules():
+        if isinstance(module, ContrastiveLoss):
+            module.warming_up = active
 
 
 def fit(
@@ -76,10 +130,10 @@ def fit(
     label: str,
     context: Context | None = None,
 ) -> FitResult:
-    """Train `matcher` (already on `device`) for `settings.epochs`, resuming from the checkpoint in `work_dir` when it
-    has the same `fingerprint` (what identifies the training run)."""
+    """Train `matcher` (already on `device`) until its validation rSum plateaus or `settings.max_epochs`, resuming
+    from the checkpoint in `work_dir` when it has the same `fingerprint` (what identifies the training run)."""
     context = context or Context(device=device)
-    optimizer = torch.optim.Adam(matcher.parameters(), lr=settings.learning_rate)
+    optimizer = build_optimizer(matcher, settings)
     precision = running_precision(settings.precision, device)
     scaler = gradient_scaler(precision, device)
     state = _resume(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler)
@@ -87,28 +141,45 @@ def fit(
     model: Matcher | DistributedDataParallel = matcher
     if context.distributed:  # every process starts from rank 0's weights: DDP broadcasts them when it wraps
         model = DistributedDataParallel(with_global_batch_norm(matcher, context))
-    for epoch in range(len(result.history), settings.epochs):
+    result.stopped = stop_reason(_rsums(result), settings)
+    while result.stopped is None:
+        epoch = result.epochs  # 0-based
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, epoch)
+        warm_up_hinge_losses(matcher, epoch < settings.warmup_epochs)
         started = time.perf_counter()
         step = TrainingStep(model, optimizer, scaler, settings.grad_clip, device, precision, context)
-        train_metrics = _train_one_epoch(step, batches(epoch), epoch, settings.epochs, label)
+        train_metrics = _train_one_epoch(step, batches(epoch), epoch, settings.max_epochs, label)
         train_metrics |= {f"train/{key}": value for key, value in matcher.end_epoch().items()}
         matcher.eval()
         val_metrics = validate(matcher)
         metrics = train_metrics | {f"val/{key}": value for key, value in val_metrics.items()}
-        metrics["train/epoch_seconds"] = time.perf_counter() - started  # training and validation
-        result.history.append(metrics)
-        tracker.log_metrics(metrics, step=epoch + 1)
+        seconds = time.perf_counter() - started  # training and validation
+        tracker.log_metrics(metrics | {"train/epoch_seconds": seconds}, step=epoch + 1)
+        result.history.append({key: value for key, value in metrics.items() if key not in TIMING_KEYS})
+        result.epoch_seconds.append(seconds)
         if val_metrics["rsum"] > result.best_metrics["rsum"]:
             result.best_state = copy.deepcopy(matcher.state_dict())
             result.best_epoch, result.best_metrics = epoch + 1, val_metrics
-        log.info("%s epoch %d/%d: val rsum %.2f (best %.2f at epoch %d)", label, epoch + 1, settings.epochs,
-                 val_metrics["rsum"], result.best_metrics["rsum"], result.best_epoch)  # fmt: skip
+        result.stopped = stop_reason(_rsums(result), settings)
+        log.info("%s epoch %d/%d: val rsum %.2f (best %.2f at epoch %d)%s", label, epoch + 1, settings.max_epochs,
+                 val_metrics["rsum"], result.best_metrics["rsum"], result.best_epoch,
+                 "; stopping on the plateau" if result.stopped == PLATEAU else "")  # fmt: skip
         if context.is_main:
             _save(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler, result)
         context.barrier()  # a checkpoint is complete before any process can stop
+    warm_up_hinge_losses(matcher, False)
     return result
+
+
+def _rsums(result: FitResult) -> list[float]:
+    return [metrics["val/rsum"] for metrics in result.history]
+
+
+def build_optimizer(matcher: nn.Module, settings: TrainParams) -> torch.optim.Optimizer:
+    """Adam (SCAN, VSE++, CVSE) or AdamW (VSE∞, woodfrog/vse_infty `lib/vse.py`) over every parameter."""
+    kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    return kind(matcher.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
 def gradient_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
@@ -177,8 +248,13 @@ def _train_one_epoch(
     elapsed = time.perf_counter() - started
     metrics = {f"train/{key}": value / seen for key, value in sums.items()}
     rate_now = step.optimizer.param_groups[0]["lr"]
-    metrics |= {"train/captions_per_second": seen / elapsed, "train/learning_rate": rate_now}
+    metrics |= {"train/pairs": float(seen), "train/learning_rate": rate_now}
+    metrics |= {"train/captions_per_second": seen / elapsed, "train/warmup": float(_warming_up(step.model))}
     return metrics
+
+
+def _warming_up(model: nn.Module) -> bool:
+    return any(getattr(module, "warming_up", False) for module in model.modules())
 
 
 def _save(
@@ -198,6 +274,7 @@ def _save(
         "best_epoch": result.best_epoch,
         "best_metrics": result.best_metrics,
         "history": result.history,
+        "epoch_seconds": result.epoch_seconds,
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -222,4 +299,6 @@ def _resume(
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     log.info("resuming after epoch %d from %s", len(state["history"]), path)
-    return FitResult(state["best_state"], state["best_epoch"], state["best_metrics"], state["history"])
+    return FitResult(
+        state["best_state"], state["best_epoch"], state["best_metrics"], state["history"], state["epoch_seconds"]
+    )

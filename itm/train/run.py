@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from itm import environment
 from itm.atomic import staged_dir
 from itm.config import MatcherParams, TrainParams
 from itm.data.captions import captions_file
@@ -22,10 +23,12 @@ from itm.data.splits import DataFolders, SplitData
 from itm.distributed import Context
 from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.scoring import score_split
+from itm.measurements import write_record
 from itm.models import Matcher, build_matcher, inputs_for_training, save_matcher
+from itm.models.saved import MODEL_FILE
 from itm.tracking import Tracker, git_revision
 from itm.train.batches import GlobalBatchSampler
-from itm.train.loop import CHECKPOINT, fit
+from itm.train.loop import CHECKPOINT, FitResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +53,14 @@ def retrieval_metrics(
     return recall_metrics(scored.matrix, caption_image)
 
 
+# The `train:` settings a matcher block may set for itself (MatcherCommon).
+OWN_SETTINGS = ("max_epochs", "schedule", "learning_rate", "decay_epochs", "warmup_epochs", "optimizer", "weight_decay")
+
+
 def resolved_settings(params: MatcherParams, settings: TrainParams) -> TrainParams:
-    """The training settings of one matcher: the shared ones, with the matcher's own `epochs` and `schedule` where
-    it sets them."""
-    own = {key: getattr(params, key) for key in ("epochs", "schedule") if getattr(params, key) is not None}
+    """The training settings of one matcher: the shared ones, with the matcher's own recipe (`OWN_SETTINGS`) where
+    it sets it."""
+    own = {key: getattr(params, key) for key in OWN_SETTINGS if getattr(params, key) is not None}
     return settings.model_copy(update=own) if own else settings
 
 
@@ -62,6 +69,7 @@ def train_matcher(
     params: MatcherParams,
     settings: TrainParams,
     *,
+    seed: int,
     data: DataFolders,
     out_dir: Path,
     work_dir: Path,
@@ -72,14 +80,15 @@ def train_matcher(
 ) -> dict[str, Any]:
     """Train matcher `name` on the train split, select it on val rSum, and save it to `out_dir` with its card.
 
-    `settings` are the shared `train:` params; the matcher's own `epochs` and `schedule`, when set, replace them.
+    `settings` are the shared `train:` params; the matcher's own recipe (`OWN_SETTINGS`), when set, replaces them.
+    `seed` (one of `settings.seeds`) fixes the initialisation and the order of the batches.
     Concept-aware matchers train on image-level concept labels and validate on each caption's own. A matcher that
     reads pixels reads the images of `data.dataset_dir` (data/raw/<dataset>) instead of the regions. With several
     processes (`context`), each loads its share of every global batch and only rank 0 writes the model and logs.
     """
     context = context or Context(device=device)
     settings = resolved_settings(params, settings)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     matcher = build_matcher(params, inputs_for_training(params, data.feature_dim, len(data.vocab), data.concepts))
     matcher = matcher.to(device)
     train, val = training_splits(data, matcher)
@@ -89,7 +98,7 @@ def train_matcher(
         # each of which loads its share of every global batch.
         sampler = GlobalBatchSampler(
             [len(tokens) for tokens in train.captions.token_ids], settings.batch_size,
-            seed=settings.seed * 100_003 + epoch, rank=context.rank, world_size=context.world_size,
+            seed=seed * 100_003 + epoch, rank=context.rank, world_size=context.world_size,
             bucket_batches=settings.bucket_batches,
         )  # fmt: skip
         return DataLoader(
@@ -105,7 +114,7 @@ def train_matcher(
             model, val.store, val.captions, device=device, batch_size=settings.batch_size, context=context
         )
 
-    fingerprint = training_fingerprint(name, params, settings, data, matcher)
+    fingerprint = training_fingerprint(name, params, settings, seed, data, matcher)
     result = fit(
         matcher, batches, validate, settings, work_dir=work_dir, fingerprint=fingerprint, tracker=tracker,
         device=device, label=name, context=context,
@@ -116,18 +125,19 @@ def train_matcher(
         "name": name,
         "kind": params.kind,
         "params": params.model_dump(mode="json"),
-        "train": settings.model_dump(mode="json"),
+        "seed": seed,
+        "train": settings.model_dump(mode="json", exclude={"seeds"}),
         "feature_dim": data.feature_dim,
         "vocab_size": len(data.vocab),
         "vocab_digest": data.vocab.digest(),
         "concepts_digest": data.concepts.digest() if labelled else None,
         "images": train.store.info,
         "git_revision": git_revision(),
+        "environment": environment.record(),
         "best_epoch": result.best_epoch,
         "val": result.best_metrics,
-        "train_seconds": sum(metrics["train/epoch_seconds"] for metrics in result.history),
+        "training": training_summary(result, settings),
         "history": result.history,  # per-epoch metrics (losses, learning rate, val recalls), for training curves
-        "mlflow_run_id": tracker.run_id,
     }
     if context.is_main:
         with staged_dir(out_dir) as staging:
@@ -135,13 +145,41 @@ def train_matcher(
                 key: value.cpu() if torch.is_tensor(value) else value for key, value in result.best_state.items()
             }
             save_matcher(staging, weights, card, data.concepts if labelled else None)
+        write_record(work_dir, out_dir / MODEL_FILE, measurements(result, tracker))
         tracker.log_metrics({f"best/val_{key}": value for key, value in result.best_metrics.items()})
+        tracker.log_metrics({"train_seconds": sum(result.epoch_seconds), "pairs_seen": float(result.pairs_seen)})
+        tracker.set_tags({"itm.stopped": str(result.stopped), "itm.epochs": str(result.epochs)})
+        tracker.log_dict(card["environment"], "environment.json")
         tracker.log_dict({"matcher": card["params"], "train": card["train"]}, "config.json")  # the resolved config
         tracker.log_artifact(out_dir / "model.pt")
         tracker.log_artifact(out_dir / "card.json")
         (work_dir / CHECKPOINT).unlink(missing_ok=True)
     log.info("%s: best val rsum %.2f at epoch %d", name, result.best_metrics["rsum"], result.best_epoch)
     return card
+
+
+def training_summary(result: FitResult, settings: TrainParams) -> dict[str, Any]:
+    """How training ended and what it cost, for the card: the epochs run, the best one, whether it stopped on the
+    validation plateau or at the epoch cap, and the caption-image pairs it trained on."""
+    return {
+        "epochs": result.epochs,
+        "best_epoch": result.best_epoch,
+        "stopped": result.stopped,
+        "max_epochs": settings.max_epochs,
+        "patience": settings.patience,
+        "min_delta": settings.min_delta,
+        "warmup_epochs": settings.warmup_epochs,
+        "pairs_seen": result.pairs_seen,
+    }
+
+
+def measurements(result: FitResult, tracker: Tracker) -> dict[str, Any]:
+    """What this run measured of itself (itm/measurements.py): wall-clock times and its MLflow run."""
+    return {
+        "mlflow_run_id": tracker.run_id,
+        "train_seconds": sum(result.epoch_seconds),
+        "epoch_seconds": result.epoch_seconds,
+    }
 
 
 def training_splits(data: DataFolders, matcher: Matcher) -> tuple[SplitData, SplitData]:
@@ -154,11 +192,12 @@ def training_splits(data: DataFolders, matcher: Matcher) -> tuple[SplitData, Spl
 
 
 def training_fingerprint(
-    name: str, params: MatcherParams, settings: TrainParams, data: DataFolders, matcher: Matcher
+    name: str, params: MatcherParams, settings: TrainParams, seed: int, data: DataFolders, matcher: Matcher
 ) -> str:
     """What identifies a training run, so that a checkpoint resumes only the run it came from: the matcher's
-    name, params and training settings, and digests of the data it reads."""
-    identity = {"name": name, "params": params.model_dump(mode="json"), "train": settings.model_dump(mode="json")}
+    name, params, training settings and seed (not the other seeds), and digests of the data it reads."""
+    identity = {"name": name, "params": params.model_dump(mode="json"), "seed": seed,
+                "train": settings.model_dump(mode="json", exclude={"seeds"})}  # fmt: skip
     inputs = _digest(captions_file(data.captions_dir, "train"), data.regions_dir / "train" / REGIONS_FILE)
     inputs += data.vocab.digest()
     inputs += data.concepts.digest() if matcher.n_concepts > 0 else ""

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from itm import environment
 from itm.atomic import staged_dir
-from itm.config import CvseParams, DownloadParams, MatcherParams, PublishedWeights
+from itm.config import CvseParams, DownloadParams, MatcherParams, PublishedWeights, VseInftyParams
 from itm.data.concepts import Concepts
 from itm.data.download import fetch
 from itm.data.splits import DataFolders
@@ -35,6 +36,13 @@ from itm.tracking import Tracker, git_revision
 from itm.train.published.cvse import CvseConcepts, cvse_params, cvse_state_dict, is_cvse_checkpoint, read_cvse_concepts
 from itm.train.published.scan import is_scan_checkpoint, scan_params, scan_state_dict
 from itm.train.published.vocabulary import read_published_vocab
+from itm.train.published.vse_infty import (
+    APPENDED_ROWS,
+    check_vocabulary,
+    is_vse_infty_checkpoint,
+    vse_infty_params,
+    vse_infty_state_dict,
+)
 from itm.train.run import VALIDATION_IMAGES, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -81,7 +89,7 @@ def import_published(
     metrics = retrieval_metrics(
         matcher, val.store, val.captions.of_first_images(VALIDATION_IMAGES), device=device, batch_size=VALIDATION_BATCH
     )
-    card = _card(name, converted, weights, content, vocab, metrics, tracker)
+    card = _card(name, converted, weights, content, vocab, metrics)
     with staged_dir(out_dir) as staging:
         save_matcher(staging, {key: value.cpu() for key, value in matcher.state_dict().items()}, card,
                      concepts=converted.concepts, vocab=vocab)  # fmt: skip
@@ -115,9 +123,10 @@ def convert_checkpoint(
     when the content is not of that layout, the vocabulary is not its own, or a tensor does not map."""
     params, state, options = _converted(path, weights, content, block, vocab, concepts)
     embedded = next(value for key, value in state.items() if key.endswith("embed.weight")).shape[0]
-    if embedded != len(vocab):
-        raise UserError(f"{weights.vocab.source}: {len(vocab)} words, but the checkpoint embeds {embedded}: "
-                        "not its vocabulary")  # fmt: skip
+    appended = APPENDED_ROWS if weights.layout == "vse_infty" else 0  # VSE∞'s <mask>, which our encoder appends too
+    if embedded != len(vocab) + appended:
+        words = f"{len(vocab)} words" + (f" (+ {appended} appended)" if appended else "")
+        raise UserError(f"{weights.vocab.source}: {words}, but the checkpoint embeds {embedded}: not its vocabulary")
     feature_dim = int(options["img_dim"])
     ours = None if concepts is None else concepts.as_concepts()
     matcher = build_matcher(params, MatcherInputs(feature_dim, len(vocab), ours, read_pretrained=False))
@@ -143,6 +152,14 @@ def _converted(
         trained_with = _options(path, content["opt"])
         params = cvse_params(path, trained_with, block, concepts)
         return params, cvse_state_dict(path, content["model"], params, concepts, vocab.words), trained_with
+    if weights.layout == "vse_infty":
+        if not is_vse_infty_checkpoint(content):
+            raise UserError(f"{path}: not a VSE∞ checkpoint (layout vse_infty), {_describe(content)}")
+        assert isinstance(block, VseInftyParams)  # the params schema ties the layout to the kind
+        check_vocabulary(vocab, str(weights.vocab.source))
+        trained_with = _options(path, content["opt"])
+        params = vse_infty_params(path, trained_with, content["model"], block)
+        return params, vse_infty_state_dict(path, content["model"]), trained_with
     raise UserError(f"weights.layout {weights.layout!r} has no converter")
 
 
@@ -186,7 +203,6 @@ def _card(
     content: Mapping[str, Any],
     vocab: Vocab,
     metrics: Mapping[str, float],
-    tracker: Tracker,
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -202,9 +218,9 @@ def _card(
         "tokenization": vocab.tokenization,
         "concepts_digest": None,
         "git_revision": git_revision(),
+        "environment": environment.record(),
         "val": dict(metrics),
         "history": [],
-        "mlflow_run_id": tracker.run_id,
     }
 
 
