@@ -123,12 +123,20 @@ def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stag
     run(["git", "commit", "-qm", "lock"], fresh)
     two_seeds = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]"], fresh).stdout
     matchers = _matchers(fresh)
-    new = {f"{stage}@{name}-1" for stage in ("train", "evaluate") for name in matchers}
+    added = {*(f"{stage}@{name}-1" for stage in ("train", "evaluate") for name in matchers), "ensemble@scan_ensemble-1"}
     ran = _ran(two_seeds)
-    assert ran == {*new, "ensemble@scan_ensemble-1", "compare"}, sorted(ran)
+    # Seed 0's trainings and evaluations are not run again. An ensemble stage depends on the whole data/scores folder
+    # (its members' files are not known to dvc.yaml), which the new seed's score files change, so DVC may run seed
+    # 0's ensemble again; it then writes the same bytes (below).
+    assert added | {"compare"} <= ran and ran - added - {"compare"} <= {"ensemble@scan_ensemble-0"}, sorted(ran)
     lock = yaml.safe_load((fresh / "dvc.lock").read_text())["stages"]
-    seed_zero = {name: entry for name, entry in yaml.safe_load(reproduced.lock)["stages"].items() if "@" in name}
-    assert {name: lock[name] for name in seed_zero} == seed_zero  # seed 0's stages and outputs as they were
+    for name, entry in yaml.safe_load(reproduced.lock)["stages"].items():
+        if name == "compare":
+            continue
+        if name in ran:
+            assert lock[name]["outs"] == entry["outs"], name  # run again, same outputs
+        else:
+            assert lock[name] == entry, name  # as it was: same code, params, data and outputs
     report = (fresh / "reports" / "comparison.md").read_text()
     assert "rSum over seeds" in report
     for name in [*matchers, "scan_ensemble"]:

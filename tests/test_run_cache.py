@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from itm.measurements import RUN_FILE
-from tests.tiny_repo import environment, make_tiny_repo, run
+from tests.tiny_repo import environment, make_tiny_repo, md5, run
 
 MATCHER = "vsepp"  # one global vector per side: the cheapest matcher to train
 TRAIN, EVALUATE = f"train@{MATCHER}-0", f"evaluate@{MATCHER}-0"
@@ -49,13 +49,15 @@ def _set_params(repo: Path, train: dict[str, object] | None = None, **matcher: o
 
 @pytest.mark.slow
 def test_an_experiment_run_again_with_earlier_params_is_restored_from_the_run_cache(repo: Path) -> None:
-    _set_params(repo, max_epochs=3)
-    metrics = repo / "metrics" / MATCHER / "seed0.json"
-    runs, shown, records = [], [], []
+    # no warm-up epoch (it sums every violation whatever max_violation says), so the parameter acts from epoch 1 on
+    _set_params(repo, max_epochs=3, warmup_epochs=0)
+    metrics, scores = repo / "metrics" / MATCHER / "seed0.json", repo / "data" / "scores" / MATCHER / "seed0.npz"
+    runs, shown, scored, records = [], [], [], []
     for value in ("true", "false", "true"):
         done = run(["dvc", "exp", "run", EVALUATE, "-S", f"matchers.{MATCHER}.max_violation={value}"], repo)
         runs.append(done.stdout)
         shown.append(metrics.read_text())  # `dvc exp run` applies its results to the workspace
+        scored.append(md5(scores))
         records.append((repo / EVALUATION_RECORD).read_text())  # untracked: left as the last run wrote it
     first, second, third = runs
     for stage in (TRAIN, EVALUATE):
@@ -63,8 +65,8 @@ def test_an_experiment_run_again_with_earlier_params_is_restored_from_the_run_ca
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in third, third
         assert f"Running stage '{stage}'" not in third, third
     assert not any("seconds" in key for key in json.loads(shown[0]))  # times live in run.json
-    assert shown[1] != shown[0]  # the parameter changes the model
-    assert shown[2] == shown[0]  # the first run's file, restored
+    assert scored[1] != scored[0] and shown[1] != shown[0]  # the parameter changes the model
+    assert scored[2] == scored[0] and shown[2] == shown[0]  # the first run's files, restored
     assert records[2] == records[1] != records[0]  # nothing was evaluated again: the record is the second run's
     assert yaml.safe_load((repo / "params.yaml").read_text())["matchers"][MATCHER]["max_violation"] is True
 
