@@ -150,12 +150,12 @@ def compare(
         report.to_parquet(tmp, index=False)
     write_json(out_dir / METRICS_FILE, comparison_metrics(table))
     write_json(out_dir / RSUM_FILE, rsum_points(table))
-    timings = read_timings(inputs, entries)
+    records = {entry.name: _records(inputs, entry) for entry in entries}  # each output hashed once
+    timings = read_timings(inputs, entries, records)
     write_text(out_dir / TIMING_FILE, timing_markdown(timings, _environment(entries)))
     log.info("comparison of %d models and %d figures in %s", len(entries), len(drawn), out_dir)
-    log_comparison(
-        tracker, inputs, entries, markdown, out_dir, [figures_dir / path.name for path in drawn], comparisons, timings
-    )
+    figures = [figures_dir / path.name for path in drawn]
+    log_comparison(tracker, inputs, entries, markdown, out_dir, figures, comparisons, timings, records)
     return out_dir / MARKDOWN_FILE
 
 
@@ -276,15 +276,19 @@ def _records(inputs: Inputs, entry: Entry) -> dict[str, dict]:
     return {name: record for name, record in found.items() if record is not None}
 
 
-def read_timings(inputs: Inputs, entries: Sequence[Entry]) -> list[Timing]:
-    """The times the runs behind each single model recorded (none for ensembles, which train nothing)."""
+Records = Mapping[str, Mapping[str, dict]]  # model name -> `_records` of it
+
+
+def read_timings(inputs: Inputs, entries: Sequence[Entry], records: Records | None = None) -> list[Timing]:
+    """The times the runs behind each single model recorded (none for ensembles, which train nothing); `records`
+    when they were read already."""
     timings = []
     for entry in entries:
         if entry.model_dir is None:
             continue
-        records = _records(inputs, entry)
-        trained = records.get(f"train@{entry.name}-{entry.seed}", {})
-        evaluated = records.get(f"evaluate@{entry.name}-{entry.seed}", {})
+        records_of = records[entry.name] if records is not None else _records(inputs, entry)
+        trained = records_of.get(f"train@{entry.name}-{entry.seed}", {})
+        evaluated = records_of.get(f"evaluate@{entry.name}-{entry.seed}", {})
         per_query, encoding = evaluated.get("test/seconds_per_query"), evaluated.get("test/encode_seconds")
         timings.append(Timing(entry.name, entry.seed, trained.get("train_seconds"), per_query, encoding))
     return timings
@@ -298,15 +302,18 @@ def _environment(entries: Sequence[Entry]) -> dict | None:
     return None
 
 
-def linked_runs(inputs: Inputs, entry: Entry, tracker: Tracker) -> dict[str, str]:
+def linked_runs(
+    inputs: Inputs, entry: Entry, tracker: Tracker, records: Mapping[str, dict] | None = None
+) -> dict[str, str]:
     """stage → MLflow run id of the runs behind a model: `train@` and `evaluate@` (from the records they kept,
-    itm/measurements.py) for a single matcher; for an ensemble its newest `ensemble@` run."""
+    itm/measurements.py, or `records` when they were read already) for a single matcher; for an ensemble its newest
+    `ensemble@` run."""
     if entry.type == "ensemble":
         stage = f"ensemble@{entry.name}-{entry.seed}"
         found = tracker.find_run(stage)
         return {stage: found} if found else {}
-    return {stage: record["mlflow_run_id"] for stage, record in _records(inputs, entry).items()
-            if record.get("mlflow_run_id")}  # fmt: skip
+    kept = _records(inputs, entry) if records is None else records
+    return {stage: record["mlflow_run_id"] for stage, record in kept.items() if record.get("mlflow_run_id")}
 
 
 def log_comparison(
@@ -318,6 +325,7 @@ def log_comparison(
     figures: Sequence[Path],
     comparisons: Mapping[str, PairwiseComparison] | None = None,
     timings: Sequence[Timing] = (),
+    records: Records | None = None,
 ) -> None:
     """The parent run: the table (also as its note), the pairwise tests and groups (`pairwise.json`) and figures;
     one child run per model with its metrics, its group letters per protocol (tags `itm.group.<protocol>`) and
@@ -335,7 +343,7 @@ def log_comparison(
         tracker.log_dict({"pairs": pairs, "groups": groups}, PAIRWISE_FILE)
     tracker.set_tags({"mlflow.note.content": markdown})
     for entry in entries:
-        runs = linked_runs(inputs, entry, tracker)
+        runs = linked_runs(inputs, entry, tracker, None if records is None else records.get(entry.name))
         tags = {"itm.model": entry.name, "itm.type": entry.type, "itm.kind": entry.kind, "itm.weights": entry.weights}
         tags |= {f"itm.group.{protocol}": result.groups[entry.name] for protocol, result in comparisons.items()
                  if entry.name in result.groups}  # fmt: skip

@@ -10,30 +10,20 @@ from its run-cache without running the stage).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from itm.atomic import write_json
+from itm.atomic import sha256_of, write_json
 
 RUN_FILE = "run.json"
-
-
-def output_digest(path: Path) -> str:
-    """sha256 of the file a record measures."""
-    sha = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def write_record(work_dir: Path, output: Path, record: Mapping[str, Any]) -> None:
     """Write `record` (times, run id) to `work_dir/run.json`, naming `output` (a file) by its digest."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    write_json(work_dir / RUN_FILE, {"output_sha256": output_digest(output), **record})
+    write_json(work_dir / RUN_FILE, {"output_sha256": sha256_of(output), **record})
 
 
 def read_record(work_dir: Path, output: Path) -> dict[str, Any] | None:
@@ -43,6 +33,6 @@ def read_record(work_dir: Path, output: Path) -> dict[str, Any] | None:
         record = json.loads((work_dir / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or not output.is_file() or record.get("output_sha256") != output_digest(output):
+    if not isinstance(record, dict) or not output.is_file() or record.get("output_sha256") != sha256_of(output):
         return None
     return record

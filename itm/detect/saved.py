@@ -8,7 +8,6 @@ from it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,13 @@ from typing import Any
 import torch
 
 from itm import environment
-from itm.atomic import staged_file, write_json
+from itm.atomic import sha256_of, staged_file, write_json
 from itm.config import DetectorArchitecture
 from itm.detect.model import BottomUpDetector, build_detector
 from itm.errors import UserError
 
 MODEL_FILE = "model.pt"
 CARD_FILE = "card.json"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_detector(
