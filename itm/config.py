@@ -516,7 +516,8 @@ MatcherParams = Annotated[
 
 
 class TrainParams(Processes):
-    """One training protocol for every matcher (Adam, hinge loss), as the papers train per dataset."""
+    """One training protocol for every matcher: the optimizer, schedule, warm-up and early stopping on validation rSum
+    (a matcher block may override the recipe keys, `OWN_SETTINGS` in itm/train/run.py)."""
 
     max_epochs: int = Field(30, ge=1)  # the cap; training stops earlier when validation rSum plateaus (`patience`)
     # Early stopping: stop after `patience` epochs in a row without a validation rSum above the best by more than
