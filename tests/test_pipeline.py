@@ -110,8 +110,8 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(reproduced
 @pytest.mark.slow
 def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stages(reproduced: Reproduced) -> None:
     """Every tracked output is a function of code, params and data on one machine: the same commit, run again in
-    another folder, writes the same bytes and so the same dvc.lock. Then a second seed adds its own train, evaluate
-    and ensemble stages and leaves seed 0's as they are; the report shows the spread of rSum over the two seeds."""
+    another folder, writes the same bytes and so the same dvc.lock. Then `train.seeds=[0,1,2]` adds the new seeds' own
+    train, evaluate and ensemble stages and leaves seed 0's as they are; the report shows rSum mean ± std over three."""
     fresh = reproduced.fresh
     second = run(["dvc", "repro"], fresh)
     assert _ran(second.stdout) == _ran(reproduced.stdout)  # nothing came from elsewhere (no shared cache)
@@ -121,12 +121,13 @@ def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stag
 
     run(["git", "add", "dvc.lock"], fresh)
     run(["git", "commit", "-qm", "lock"], fresh)
-    two_seeds = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]"], fresh).stdout
+    three_seeds = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1,2]"], fresh).stdout
     matchers = _matchers(fresh)
-    added = {*(f"{stage}@{name}-1" for stage in ("train", "evaluate") for name in matchers), "ensemble@scan_ensemble-1"}
-    ran = _ran(two_seeds)
+    added = {f"{stage}@{name}-{seed}" for stage in ("train", "evaluate") for name in matchers for seed in (1, 2)}
+    added |= {"ensemble@scan_ensemble-1", "ensemble@scan_ensemble-2"}
+    ran = _ran(three_seeds)
     # Seed 0's trainings and evaluations are not run again. An ensemble stage depends on the whole data/scores folder
-    # (its members' files are not known to dvc.yaml), which the new seed's score files change, so DVC may run seed
+    # (its members' files are not known to dvc.yaml), which the new seeds' score files change, so DVC may run seed
     # 0's ensemble again; it then writes the same bytes (below).
     assert added | {"compare"} <= ran and ran - added - {"compare"} <= {"ensemble@scan_ensemble-0"}, sorted(ran)
     lock = yaml.safe_load((fresh / "dvc.lock").read_text())["stages"]
@@ -141,4 +142,4 @@ def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stag
     assert "rSum over seeds" in report
     for name in [*matchers, "scan_ensemble"]:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
-        assert re.search(r"\d ± \d+\.\d \(2 seeds\)", row), row
+        assert re.search(r"\d ± \d+\.\d \(3 seeds\)", row), row
