@@ -26,7 +26,7 @@ from itm.evaluate.scoring import score_split
 from itm.measurements import write_record
 from itm.models import Matcher, build_matcher, inputs_for_training, save_matcher
 from itm.models.saved import MODEL_FILE
-from itm.tracking import Tracker, git_revision
+from itm.tracking import Tracker
 from itm.train.batches import GlobalBatchSampler
 from itm.train.loop import CHECKPOINT, FitResult, fit
 
@@ -132,7 +132,6 @@ def train_matcher(
         "vocab_digest": data.vocab.digest(),
         "concepts_digest": data.concepts.digest() if labelled else None,
         "images": train.store.info,
-        "git_revision": git_revision(),
         "environment": environment.record(),
         "best_epoch": result.best_epoch,
         "val": result.best_metrics,

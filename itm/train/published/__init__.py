@@ -32,7 +32,7 @@ from itm.errors import UserError
 from itm.models import Matcher, build_matcher, save_matcher
 from itm.models.registry import MatcherInputs
 from itm.safe_load import NAMESPACE_STAND_IN, Record, load_torch
-from itm.tracking import Tracker, git_revision
+from itm.tracking import Tracker
 from itm.train.published.cvse import CvseConcepts, cvse_params, cvse_state_dict, is_cvse_checkpoint, read_cvse_concepts
 from itm.train.published.scan import is_scan_checkpoint, scan_params, scan_state_dict
 from itm.train.published.vocabulary import read_published_vocab
@@ -217,7 +217,6 @@ def _card(
         "vocab_digest": vocab.digest(),
         "tokenization": vocab.tokenization,
         "concepts_digest": None,
-        "git_revision": git_revision(),
         "environment": environment.record(),
         "val": dict(metrics),
         "history": [],
