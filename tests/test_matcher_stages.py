@@ -160,7 +160,8 @@ def test_train_then_evaluate_each_default_matcher(prepared: Path, name: str) -> 
     assert len(card["history"]) == training["epochs"] == card["train"]["max_epochs"] and training["stopped"] == "cap"
     assert training["pairs_seen"] == sum(epoch["train/pairs"] for epoch in card["history"]) > 0
     assert not any("seconds" in key for epoch in card["history"] for key in epoch)  # times live in run.json
-    assert "seeds" not in card["train"] and not {"train_seconds", "mlflow_run_id"} & card.keys()
+    # Nothing that changes between runs or commits of the same code: times, run ids and the git revision live in MLflow.
+    assert "seeds" not in card["train"] and not {"train_seconds", "mlflow_run_id", "git_revision"} & card.keys()
     work = seed_path(prepared / "work" / "train", name, SEED)
     measured = read_record(work, model_dir / MODEL_FILE)
     assert measured is not None, "no run.json measuring the saved model"
