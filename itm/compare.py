@@ -150,8 +150,8 @@ def compare(
         report.to_parquet(tmp, index=False)
     write_json(out_dir / METRICS_FILE, comparison_metrics(table))
     write_json(out_dir / RSUM_FILE, rsum_points(table))
-    records = {entry.name: _records(inputs, entry) for entry in entries}  # each output hashed once
-    timings = read_timings(inputs, entries, records)
+    records = run_records(inputs, entries)
+    timings = read_timings(entries, records)
     write_text(out_dir / TIMING_FILE, timing_markdown(timings, _environment(entries)))
     log.info("comparison of %d models and %d figures in %s", len(entries), len(drawn), out_dir)
     figures = [figures_dir / path.name for path in drawn]
@@ -276,19 +276,22 @@ def _records(inputs: Inputs, entry: Entry) -> dict[str, dict]:
     return {name: record for name, record in found.items() if record is not None}
 
 
-Records = Mapping[str, Mapping[str, dict]]  # model name -> `_records` of it
+Records = Mapping[str, Mapping[str, dict]]  # model name -> stage -> the record its run kept
 
 
-def read_timings(inputs: Inputs, entries: Sequence[Entry], records: Records | None = None) -> list[Timing]:
-    """The times the runs behind each single model recorded (none for ensembles, which train nothing); `records`
-    when they were read already."""
+def run_records(inputs: Inputs, entries: Sequence[Entry]) -> Records:
+    """Every model's `_records`, read once (each read hashes the output it measures)."""
+    return {entry.name: _records(inputs, entry) for entry in entries}
+
+
+def read_timings(entries: Sequence[Entry], records: Records) -> list[Timing]:
+    """The times the runs behind each single model recorded (none for ensembles, which train nothing)."""
     timings = []
     for entry in entries:
         if entry.model_dir is None:
             continue
-        records_of = records[entry.name] if records is not None else _records(inputs, entry)
-        trained = records_of.get(f"train@{entry.name}-{entry.seed}", {})
-        evaluated = records_of.get(f"evaluate@{entry.name}-{entry.seed}", {})
+        trained = records[entry.name].get(f"train@{entry.name}-{entry.seed}", {})
+        evaluated = records[entry.name].get(f"evaluate@{entry.name}-{entry.seed}", {})
         per_query, encoding = evaluated.get("test/seconds_per_query"), evaluated.get("test/encode_seconds")
         timings.append(Timing(entry.name, entry.seed, trained.get("train_seconds"), per_query, encoding))
     return timings
@@ -302,18 +305,14 @@ def _environment(entries: Sequence[Entry]) -> dict | None:
     return None
 
 
-def linked_runs(
-    inputs: Inputs, entry: Entry, tracker: Tracker, records: Mapping[str, dict] | None = None
-) -> dict[str, str]:
-    """stage → MLflow run id of the runs behind a model: `train@` and `evaluate@` (from the records they kept,
-    itm/measurements.py, or `records` when they were read already) for a single matcher; for an ensemble its newest
-    `ensemble@` run."""
+def linked_runs(entry: Entry, tracker: Tracker, records: Mapping[str, dict]) -> dict[str, str]:
+    """stage → MLflow run id of the runs behind a model: `train@` and `evaluate@` (from `records`, those the runs
+    kept of themselves, itm/measurements.py) for a single matcher; for an ensemble its newest `ensemble@` run."""
     if entry.type == "ensemble":
         stage = f"ensemble@{entry.name}-{entry.seed}"
         found = tracker.find_run(stage)
         return {stage: found} if found else {}
-    kept = _records(inputs, entry) if records is None else records
-    return {stage: record["mlflow_run_id"] for stage, record in kept.items() if record.get("mlflow_run_id")}
+    return {stage: record["mlflow_run_id"] for stage, record in records.items() if record.get("mlflow_run_id")}
 
 
 def log_comparison(
@@ -329,8 +328,9 @@ def log_comparison(
 ) -> None:
     """The parent run: the table (also as its note), the pairwise tests and groups (`pairwise.json`) and figures;
     one child run per model with its metrics, its group letters per protocol (tags `itm.group.<protocol>`) and
-    links to the runs that produced it."""
+    links to the runs that produced it (from `records`, read here when the caller has not read them)."""
     comparisons = comparisons or {}
+    records = run_records(inputs, entries) if records is None else records
     for name in (MARKDOWN_FILE, TABLE_FILE, METRICS_FILE, TIMING_FILE):
         if (out_dir / name).is_file():
             tracker.log_artifact(out_dir / name)
@@ -343,7 +343,7 @@ def log_comparison(
         tracker.log_dict({"pairs": pairs, "groups": groups}, PAIRWISE_FILE)
     tracker.set_tags({"mlflow.note.content": markdown})
     for entry in entries:
-        runs = linked_runs(inputs, entry, tracker, None if records is None else records.get(entry.name))
+        runs = linked_runs(entry, tracker, records[entry.name])
         tags = {"itm.model": entry.name, "itm.type": entry.type, "itm.kind": entry.kind, "itm.weights": entry.weights}
         tags |= {f"itm.group.{protocol}": result.groups[entry.name] for protocol, result in comparisons.items()
                  if entry.name in result.groups}  # fmt: skip

@@ -22,6 +22,7 @@ from itm.compare import (
     model_scores,
     pairwise_comparisons,
     read_timings,
+    run_records,
 )
 from itm.errors import UserError
 from itm.evaluate.ensemble import evaluate_ensemble
@@ -117,12 +118,14 @@ def test_records_link_the_runs_behind_a_model_and_an_ensemble_averages_its_membe
     averaged = model_scores(inputs.scores_dir, entries[2])
     assert torch.equal(averaged.scores, _scores(1.0).scores)
 
-    assert linked_runs(inputs, entries[0], NullTracker()) == {"train@a-0": "t-a", "evaluate@a-0": "e-a"}
-    assert linked_runs(inputs, entries[1], NullTracker()) == {}  # b's records measured other versions of its outputs
-    assert linked_runs(dataclasses.replace(inputs, work_dir=None), entries[0], NullTracker()) == {}
-    assert linked_runs(inputs, entries[2], _FindsEnsembleRuns()) == {"ensemble@ab-0": "x-ab"}
-    assert linked_runs(inputs, entries[2], NullTracker()) == {}
-    assert read_timings(inputs, entries) == [
+    records = run_records(inputs, entries)
+    assert linked_runs(entries[0], NullTracker(), records["a"]) == {"train@a-0": "t-a", "evaluate@a-0": "e-a"}
+    assert linked_runs(entries[1], NullTracker(), records["b"]) == {}  # b's records measured other versions of it
+    unrecorded = run_records(dataclasses.replace(inputs, work_dir=None), entries)
+    assert linked_runs(entries[0], NullTracker(), unrecorded["a"]) == {}
+    assert linked_runs(entries[2], _FindsEnsembleRuns(), records["ab"]) == {"ensemble@ab-0": "x-ab"}
+    assert linked_runs(entries[2], NullTracker(), records["ab"]) == {}
+    assert read_timings(entries, records) == [
         Timing("a", 0, train_seconds=60.0, seconds_per_query=0.004, encode_seconds=2.0),
         Timing("b", 0),  # ignored records: unknown times ("–" in timing.md), not those of an earlier run
     ]
@@ -137,7 +140,8 @@ def test_parent_run_has_one_child_per_model_with_its_links(tmp_path: Path) -> No
         (out / name).write_text("x")
     tracker = NullTracker()
     figures = [out / "figures" / "f.png"]
-    log_comparison(tracker, inputs, entries, "| table |", out, figures, timings=read_timings(inputs, entries))
+    timings = read_timings(entries, run_records(inputs, entries))
+    log_comparison(tracker, inputs, entries, "| table |", out, figures, timings=timings)
     assert tracker.tags["mlflow.note.content"] == "| table |"
     assert (out / "figures" / "f.png", "figures") in tracker.artifacts and (
         out / "timing.md",
