@@ -1,12 +1,12 @@
-# Set-up and the everyday commands. `make repro` runs the pipeline, `make test` runs the whole test suite (what CI
-# runs), `make test-fast` every test not marked `slow` (the inner loop); each creates the virtualenv (.venv) from the
-# lock file first when it is missing or stale.
+# Set-up and the everyday commands. `make repro` runs the pipeline, `make quick` a few-minute version of it (its own
+# DVC experiment), `make test` runs the whole test suite (what CI runs), `make test-fast` every test not marked `slow`
+# (the inner loop); each creates the virtualenv (.venv) from the lock file first when it is missing or stale.
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-fast lint format
+.PHONY: setup repro quick test test-fast lint format
 
 setup: $(VENV)/.synced
 
@@ -17,6 +17,10 @@ $(VENV)/.synced: pyproject.toml uv.lock
 
 repro: setup
 	dvc repro
+
+# The whole pipeline on profiles/quick.yaml in a few minutes, as its own DVC experiment (the workspace is untouched).
+quick: setup
+	python -m itm.profiles profiles/quick.yaml
 
 test: setup lint
 	pytest

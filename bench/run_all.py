@@ -69,6 +69,8 @@ BENCHMARKS = (
     Benchmark(
         "search_shortlist", ("--timed-texts", "20", "--timed-images", "5", "--shortlists", "10", "50", "200"), ()
     ),
+    # start-up is import work on the CPU, the same with or without a GPU
+    Benchmark("startup", (), ()),
 )
 
 

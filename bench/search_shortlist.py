@@ -46,14 +46,8 @@ from itm.data.splits import DataFolders
 from itm.evaluate.scoring import score_matrix
 from itm.models.base import Encoded
 from itm.pair_attention import is_cross_attention
-from itm.search import (
-    SearchIndex,
-    cheap_scores,
-    hard_attention_scores,
-    hard_direction,
-    open_index,
-    shortlist_rank,
-)
+from itm.search.index import SearchIndex, open_index
+from itm.search.shortlist import cheap_scores, hard_attention_scores, hard_direction, shortlist_rank
 from itm.seeds import seed_path
 
 MODELS = ("scan_t2i_avg", "scan_i2t_lse", "uarda")

@@ -14,29 +14,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+from itm import environment
 from itm.config import PARAMS_FILE, load_params
-from itm.data.splits import DataFolders
-from itm.device import default_device
 from itm.errors import UserError
-from itm.search import (
-    DEFAULT_SHORTLIST,
-    DEFAULT_SHORTLIST_BY,
-    SHORTLIST_BY,
-    Options,
-    SearchResult,
-    format_table,
-    is_matcher_folder,
-    open_index,
-    search_image,
-    search_text,
-    write_sheet,
-)
+from itm.search.options import DEFAULT_SHORTLIST, DEFAULT_SHORTLIST_BY, SHORTLIST_BY, Options
 from itm.seeds import seed_path
 from itm.stage_runner import run_stage
+
+if TYPE_CHECKING:
+    from itm.search.engine import SearchResult
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the best --shortlist items with the full score.",
     )
     search.add_argument(
-        "--model", type=Path, required=True,
-        help="a trained matcher: models/<matcher>/seed<seed>, or models/<matcher> for its model of --seed",
+        "--model", required=True,
+        help="a trained matcher: models/<matcher>/seed<seed>, models/<matcher> for its model of --seed, or an MLflow "
+        "URI (runs:/<train run id>/model, models:/<model id>, models:/<registered name>/<version>)",
     )  # fmt: skip
     search.add_argument(
         "--seed", type=int,
@@ -104,13 +96,21 @@ def search(args: argparse.Namespace) -> None:
     options = Options(top=args.top, shortlist=args.shortlist, shortlist_by=args.shortlist_by)
     if args.image is not None and not args.image.is_file():
         raise UserError(f"{args.image}: image not found")
+    # The search's modules (torch among them) are imported once the arguments are known to be good.
+    from itm.data.splits import DataFolders
+    from itm.device import default_device
+    from itm.search.engine import search_image, search_text
+    from itm.search.index import open_index
+    from itm.search.presentation import format_table, write_sheet
+
     data = DataFolders(args.regions, args.captions, args.dataset or _dataset_dir())
-    model_dir = _model_dir(args.model, args.seed)
-    index = open_index(model_dir, data, args.split, device=default_device(), batch_size=args.batch_size)
-    if args.text is not None:
-        result = search_text(index, args.text, options)
-    else:
-        result = search_image(index, args.image, options, args.detector)
+    with tempfile.TemporaryDirectory(prefix="itm-model-") as scratch:  # an MLflow model's download, for the search
+        model_dir = _model_dir(args.model, args.seed, Path(scratch))
+        index = open_index(model_dir, data, args.split, device=default_device(), batch_size=args.batch_size)
+        if args.text is not None:
+            result = search_text(index, args.text, options)
+        else:
+            result = search_image(index, args.image, options, args.detector)
     print(_header(index.name, args.split, result))
     print(format_table(result))
     sys.stdout.flush()
@@ -132,10 +132,18 @@ def _header(name: str, split: str, result: SearchResult) -> str:
     )
 
 
-def _model_dir(model: Path, seed: int | None) -> Path:
-    """The model folder `--model` names: itself when it is one (models/<matcher>/seed<seed>), else, for a matcher's
-    folder (models/<matcher>), its `seed<seed>` folder; a folder that does not exist is left for `open_index` to
-    name."""
+def _model_dir(argument: str, seed: int | None, scratch: Path) -> Path:
+    """The model folder `--model` names: an MLflow URI's files downloaded into `scratch`; a model folder itself
+    (models/<matcher>/seed<seed>); for a matcher's folder (models/<matcher>), its `seed<seed>` folder; a folder that
+    does not exist is left for `open_index` to name."""
+    from itm.search.index import is_matcher_folder
+    from itm.tracking import download_model, is_model_uri
+
+    if is_model_uri(argument):
+        if seed is not None:
+            raise UserError(f"itm search: --seed picks a model of a matcher's folder, but {argument} is one model")
+        return download_model(argument, scratch)
+    model = Path(argument)
     if is_matcher_folder(model):
         if seed is not None:
             raise UserError(f"itm search: --seed picks a model of a matcher's folder, but {model} is a model folder")
@@ -161,6 +169,7 @@ def _dataset_dir() -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `itm` console script (and of tests, with `argv`)."""
+    environment.pin()  # before the search imports torch
     run_stage(_main, argv)
 
 

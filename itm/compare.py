@@ -11,6 +11,7 @@ others add the spread of rSum over seeds) and writes:
   protocol's table, every pair of models with its rSum difference, interval and adjusted p-value;
 - `comparison.json`: our models' metrics nested {protocol: {model: {column: value}}}, a DVC metrics file;
 - `rsum.json`: one point per model of ours, a DVC bar plot;
+- `recall_curves.json`: recall@K for K = 1..20 of every model of ours, both directions, one DVC chart of them all;
 - `figures/`: training curves, recall@K bars, and per model its retrieval examples, plus the word-region attention
   of a cross-attention matcher (SCAN, UARDA) or the per-view attention of a multi-view one (MVAM);
 - `timing.md`, not a DVC output: the training and retrieval times the runs recorded of themselves
@@ -42,6 +43,7 @@ from itm.data.records import has_image_files
 from itm.data.regions import RegionStore
 from itm.errors import UserError
 from itm.evaluate.ensemble import ensemble_scores
+from itm.evaluate.metrics import recall_curve
 from itm.evaluate.protocols import protocols_for
 from itm.evaluate.score_file import SplitScores
 from itm.evaluate.statistics import (
@@ -87,8 +89,11 @@ MARKDOWN_FILE = "comparison.md"
 TABLE_FILE = "comparison.parquet"
 METRICS_FILE = "comparison.json"
 RSUM_FILE = "rsum.json"
+RECALL_CURVES_FILE = "recall_curves.json"
+CURVE_DIRECTIONS = {"i2t": "image to text", "t2i": "text to image"}
 PAIRWISE_FILE = "pairwise.json"  # MLflow artifact of the parent run: every pair's test, and the groups
 FIGURES_DIR = "figures"
+MODEL_FIGURES = ("retrieval_t2i", "retrieval_i2t", "attention", "views")  # <kind>_<model>.png, one model's figures
 TIMING_FILE = "timing.md"  # measured times: beside the outputs, not one of them
 
 
@@ -150,6 +155,7 @@ def compare(
         report.to_parquet(tmp, index=False)
     write_json(out_dir / METRICS_FILE, comparison_metrics(table))
     write_json(out_dir / RSUM_FILE, rsum_points(table))
+    write_json(out_dir / RECALL_CURVES_FILE, recall_curves(inputs.scores_dir, entries))
     records = run_records(inputs, entries)
     timings = read_timings(entries, records)
     write_text(out_dir / TIMING_FILE, timing_markdown(timings, _environment(entries)))
@@ -249,6 +255,25 @@ def _model_figures(
     return [*drawn, t2i, i2t]
 
 
+def recall_curves(scores_dir: Path, entries: Sequence[Entry]) -> list[dict[str, object]]:
+    """Rows {model, direction, k, recall} of every model's recall@K curve over the whole test split (its first
+    seed's matrix, as the table), for a DVC chart of every model together."""
+    rows: list[dict[str, object]] = []
+    for entry in entries:
+        for point in recall_curve(model_scores(scores_dir, entry)):
+            rows += [
+                {"model": entry.name, "direction": label, "k": point["k"], "recall": point[side]}
+                for side, label in CURVE_DIRECTIONS.items()
+            ]
+    return rows
+
+
+def figures_of(name: str, figures: Sequence[Path]) -> list[Path]:
+    """The figures drawn for model `name` alone (`_model_figures`): its retrieval examples, attention or views."""
+    stems = {f"{kind}_{name}" for kind in MODEL_FIGURES}
+    return [path for path in figures if path.stem in stems]
+
+
 def regions_have_boxes(regions_dir: Path) -> bool:
     """Whether the test regions carry boxes to draw attention on (SCAN's precomputed features have none)."""
     return RegionStore(regions_dir / "test").info.get("source") != "precomp"
@@ -327,8 +352,9 @@ def log_comparison(
     records: Records | None = None,
 ) -> None:
     """The parent run: the table (also as its note), the pairwise tests and groups (`pairwise.json`) and figures;
-    one child run per model with its metrics, its group letters per protocol (tags `itm.group.<protocol>`) and
-    links to the runs that produced it (from `records`, read here when the caller has not read them)."""
+    one child run per model with its metrics, its own figures, its group letters per protocol (tags
+    `itm.group.<protocol>`) and links to the runs that produced it (from `records`, read here when the caller has
+    not read them)."""
     comparisons = comparisons or {}
     records = run_records(inputs, entries) if records is None else records
     for name in (MARKDOWN_FILE, TABLE_FILE, METRICS_FILE, TIMING_FILE):
@@ -358,5 +384,7 @@ def log_comparison(
             times = {} if timing is None else {"train_seconds": timing.train_seconds,
                                                "test/seconds_per_query": timing.seconds_per_query}  # fmt: skip
             child.log_metrics({key: value for key, value in times.items() if value is not None})
+            for path in figures_of(entry.name, figures):
+                child.log_artifact(path, FIGURES_DIR)
             links = [f"- {stage}: [{run_id}]({tracker.run_link(run_id) or run_id})" for stage, run_id in runs.items()]
             child.set_tags({"mlflow.note.content": "\n".join([f"Runs behind {entry.name}:", *links])})

@@ -468,7 +468,7 @@ class MvamParams(MatcherCommon):
     kind: Literal["mvam"]
     bidirectional: bool = True  # bi-GRU, directions averaged
     views: int = Field(16, ge=1)  # m: view codes per modality (the paper's visualisation shows 16)
-    view_dim: int | None = Field(None, ge=1)  # size of one view; null: embed_dim // views (same total size for any m)
+    view_dim: int | None = Field(None, ge=2)  # size of one view; null: embed_dim // views (same total size for any m)
     diversity: Literal["full", "off_diagonal"] = "full"  # ||A A^T - I||^2, or its off-diagonal entries only
     diversity_weight: float = Field(0.1, ge=0.0)
     objective: Literal["infonce", "hinge"] = "infonce"  # symmetric InfoNCE (two-stream convention) or VSE++ hinge
@@ -483,8 +483,12 @@ class MvamParams(MatcherCommon):
 
     @model_validator(mode="after")
     def _views_fit(self) -> MvamParams:
-        if self.view_dim is None and self.embed_dim < self.views:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be at least views ({self.views}), or set view_dim")
+        # A one-dimensional view normalised to unit length is a sign, ±1: every score is the same constant.
+        if self.view_dim is None and self.embed_dim < 2 * self.views:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) // views ({self.views}) leaves views of fewer than 2 dimensions (a unit "
+                "vector of one dimension is ±1, so every score would be the same): lower views or set view_dim"
+            )
         return self
 
 
@@ -520,6 +524,8 @@ class TrainParams(Processes):
     (a matcher block may override the recipe keys, `OWN_SETTINGS` in itm/train/run.py)."""
 
     max_epochs: int = Field(30, ge=1)  # the cap; training stops earlier when validation rSum plateaus (`patience`)
+    # At most this many epochs for every matcher, whatever its own max_epochs (one knob for a quick run); null: none.
+    epoch_limit: int | None = Field(None, ge=1)
     # Early stopping: stop after `patience` epochs in a row without a validation rSum above the best by more than
     # `min_delta`; null: train to max_epochs. The best epoch's weights are kept either way.
     patience: int | None = Field(3, ge=1)

@@ -8,12 +8,16 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from itm import environment
+
 Precision = Literal["bf16", "fp16", "fp32"]
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_device() -> torch.device:
-    """`cuda` when available (override with ITM_DEVICE=cpu), else `cpu`."""
+    """`cuda` when available (override with ITM_DEVICE=cpu), else `cpu`. Also sets torch's pinned CPU thread count
+    (`itm.environment.apply_threads`): every stage that computes with torch picks its device here first."""
+    environment.apply_threads()
     wanted = os.environ.get("ITM_DEVICE")
     if wanted:
         return torch.device(wanted)

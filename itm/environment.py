@@ -25,21 +25,24 @@ from typing import Any
 THREADS_VARIABLE = "ITM_CPU_THREADS"
 DEFAULT_THREADS = 2
 # x86-64 kernel choices, pinned to AVX2: the widest instruction set every x86-64 CPU of the last decade has.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read by torch (and BLAS) when it loads
 X86_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 _X86 = ("x86_64", "amd64")
 
 
 def pin() -> None:
-    """Fix the CPU kernels' instruction set (x86-64) and the thread count, unless the environment already sets them.
+    """Fix the CPU kernels' instruction set (x86-64), unless the environment already sets it, and the thread count.
 
-    Call before torch is imported; the thread count is applied again by `apply_threads` once it is.
+    Call before torch is imported (stages import it lazily, once their arguments are good). The thread variables
+    are set from `ITM_CPU_THREADS` whatever they held, the one knob of the count; torch reads them when it loads (at
+    most one thread per core) and `apply_threads` sets its count exactly once it is loaded.
     """
     if platform.machine().lower() in _X86:
         for name, value in X86_PINS.items():
             os.environ.setdefault(name, value)
     threads = str(cpu_threads())
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, threads)
+    for name in THREAD_VARIABLES:
+        os.environ[name] = threads
 
 
 def cpu_threads() -> int:

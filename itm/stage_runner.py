@@ -9,7 +9,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from itm import environment
 from itm.config import Processes
 from itm.errors import UserError
 from itm.launch import relaunch_command
@@ -23,7 +22,6 @@ def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] 
     # A terminated stage unwinds like an interrupted one, so temporary outputs are removed on the way out.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        environment.apply_threads()
         main(argv)
     except UserError as error:
         for line in str(error).splitlines():

@@ -21,11 +21,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from itm import environment
+from itm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "itm"
+# MLflow 3 opens an experiment on the view of its kind: model training (runs), not GenAI (traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# What a run's figures follow from, in the repository: a change here marks the run's revision `-dirty`.
+RUN_INPUTS = ("itm", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "uv.lock")
 _EXPERIMENT_TEMP_DIR = Path(".dvc") / "tmp" / "exps"
+MODEL_TYPE = "itm-matcher"  # the type of the logged models of trained matchers
+MODEL_URI_SCHEMES = ("runs:/", "models:/")  # MLflow URIs a command's --model accepts besides a folder
+RUN_MODEL_DIR = "model"  # a train run's model.pt and card.json: runs:/<run id>/model
 
 
 class Tracker(Protocol):
@@ -45,6 +53,13 @@ class Tracker(Protocol):
 
     def child_run(self, name: str, tags: Mapping[str, str] | None = None) -> contextlib.AbstractContextManager[Tracker]:
         """A run nested under this one (MLflow shows it below its parent)."""
+        ...
+
+    def log_model(
+        self, folder: Path, name: str, params: Mapping[str, Any], metrics: Mapping[str, float], tags: Mapping[str, str]
+    ) -> str | None:
+        """Log the saved model in `folder` as a model of this run (MLflow 3's logged models: `models:/<id>`), with
+        `params`, `metrics` (also logged to the run) and `tags` attached to it; its id, None when nothing is logged."""
         ...
 
     def find_run(self, stage: str) -> str | None:
@@ -68,6 +83,7 @@ class NullTracker:
         self.dicts: dict[str, Mapping[str, Any]] = {}
         self.tags: dict[str, str] = {}
         self.children: dict[str, NullTracker] = {}
+        self.models: dict[str, Path] = {}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.params.update(flatten(params))
@@ -90,6 +106,13 @@ class NullTracker:
         child.tags.update(tags or {})
         self.children[name] = child
         yield child
+
+    def log_model(
+        self, folder: Path, name: str, params: Mapping[str, Any], metrics: Mapping[str, float], tags: Mapping[str, str]
+    ) -> str | None:
+        self.models[name] = folder
+        self.log_metrics(metrics)
+        return None
 
     def find_run(self, stage: str) -> str | None:
         return None
@@ -141,6 +164,25 @@ class MlflowTracker:
             tags={key: value for key, value in parent.data.tags.items() if key.startswith("itm.")} | dict(tags or {}),
         ) as run:
             yield MlflowTracker(run.info.run_id)
+
+    def log_model(
+        self, folder: Path, name: str, params: Mapping[str, Any], metrics: Mapping[str, float], tags: Mapping[str, str]
+    ) -> str | None:
+        import mlflow
+
+        experiment = self._client.get_run(self.run_id).info.experiment_id
+        flat = {key: _param_value(value) for key, value in flatten(params).items()}
+        model = self._client.create_logged_model(experiment, name=name, source_run_id=self.run_id, params=flat,
+                                                 tags=dict(tags), model_type=MODEL_TYPE)  # fmt: skip
+        try:
+            self._client.log_model_artifacts(model.model_id, str(folder))
+            values = {key: float(value) for key, value in metrics.items()}
+            mlflow.log_metrics(values, run_id=self.run_id, model_id=model.model_id)
+        except BaseException:
+            self._client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self._client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
 
     def find_run(self, stage: str) -> str | None:
         experiment = self._client.get_run(self.run_id).info.experiment_id
@@ -197,10 +239,11 @@ def tracking_uri() -> str:
 
 
 def git_revision() -> str:
-    """The commit being run, with `-dirty` when the working tree has uncommitted changes; `unknown` outside git."""
+    """The commit being run, with `-dirty` when the code or the params differ from it (`RUN_INPUTS`: not the
+    outputs DVC rewrites, such as dvc.lock and the metrics); `unknown` outside git."""
     try:
         revision = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", *(f":/{path}" for path in RUN_INPUTS)))
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{revision}-dirty" if dirty else revision
@@ -235,8 +278,11 @@ def _use_experiment(name: str, artifact_root: Path | None) -> None:
     import mlflow
 
     if artifact_root is not None and mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
-    mlflow.set_experiment(name)
+        mlflow.create_experiment(name, artifact_location=artifact_root.as_uri(), tags=EXPERIMENT_KIND)
+    experiment = mlflow.set_experiment(name)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:  # an experiment made elsewhere (another store, an older version)
+            mlflow.set_experiment_tag(key, value)
 
 
 @contextlib.contextmanager
@@ -280,3 +326,23 @@ def _mlflow_run(stage: str, tags: Mapping[str, str] | None) -> Iterator[Tracker]
     with mlflow.start_run(run_name=stage, tags=run_tags(stage, tags)) as run:
         log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, uri)
         yield MlflowTracker(run.info.run_id)
+
+
+def is_model_uri(text: str) -> bool:
+    """Whether `text` names a model in MLflow (`runs:/<train run id>/model`, `models:/<model id>`,
+    `models:/<registered name>/<version>`) rather than a folder."""
+    return text.startswith(MODEL_URI_SCHEMES)
+
+
+def download_model(uri: str, into: Path) -> Path:
+    """The files of the MLflow model `uri` (a train run's artifacts, or a logged or registered model), downloaded
+    from the tracking store (`tracking_uri()`) into the folder `into`; a URI that names nothing is one line."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
+    except (MlflowException, OSError) as error:
+        raise UserError(f"{uri}: cannot download it from {tracking_uri()}: {str(error).splitlines()[0]}") from None
+    return folder

@@ -6,9 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.compare import Examples, Inputs, compare
 from itm.config import PARAMS_FILE, load_params
-from itm.evaluate.statistics import Bootstrap, Significance
 from itm.stage_runner import run_stage
 from itm.tracking import start_run
 
@@ -27,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    # The work's modules (torch among them) are imported once the arguments and params are known to be good.
+    from itm.compare import Examples, Inputs, compare
+    from itm.evaluate.statistics import Bootstrap, Significance
+
     settings = params.compare
     matchers, ensembles = list(params.matchers), dict(params.evaluate.ensembles)
     bootstrap = params.evaluate.bootstrap  # how the metrics files' intervals were made, which the report states

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from itm.atomic import write_json
 from itm.config import PARAMS_FILE, load_params
-from itm.detect.obtain import convert_published_detector, record_no_detector, train_synthetic_detector
-from itm.device import default_device
 from itm.stage_runner import default_workers, run_stage
 from itm.tracking import start_run
 
@@ -26,6 +24,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    # The work's modules (torch among them) are imported once the arguments and params are known to be good.
+    from itm.detect.obtain import convert_published_detector, record_no_detector, train_synthetic_detector
+    from itm.device import default_device
+
     settings = params.detector
     with start_run("detector", params={"detector": settings.model_dump(mode="json")}) as tracker:
         if settings.weights == "train":

@@ -10,8 +10,7 @@ from pathlib import Path
 from itm.atomic import write_json
 from itm.config import PARAMS_FILE, load_params
 from itm.errors import UserError
-from itm.evaluate.ensemble import evaluate_ensemble
-from itm.evaluate.statistics import Bootstrap
+from itm.evaluate.headline import headline
 from itm.seeds import seed_path
 from itm.stage_runner import run_stage
 from itm.tracking import start_run
@@ -35,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     seed = params.train.seeds[0] if args.seed is None else args.seed
     if seed not in params.train.seeds:
         raise UserError(f"--seed {seed} is not one of train.seeds {list(params.train.seeds)}")
+    # The work's modules (torch among them) are imported once the arguments and params are known to be good.
+    from itm.evaluate.ensemble import evaluate_ensemble
+    from itm.evaluate.statistics import Bootstrap
+
     tags = {"itm.ensemble": args.name, "itm.dataset": params.dataset, "itm.seed": str(seed)}
     bootstrap = params.evaluate.bootstrap
     logged = {"ensemble": {args.name: list(members)}, "bootstrap": bootstrap.model_dump()}
@@ -43,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics = evaluate_ensemble(member_scores, params.active_dataset.kind, Bootstrap(**bootstrap.model_dump()))
         tracker.log_metrics(metrics)
         write_json(args.metrics, metrics)
+    print("\n".join(headline(f"ensemble@{args.name}-{seed}", metrics)), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,28 +4,26 @@ intervals (the metrics file), and the retrieval times (MLflow and the run's reco
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm import distributed
 from itm.atomic import write_json
 from itm.config import PARAMS_FILE, load_params
-from itm.data.splits import DataFolders
-from itm.device import default_device
-from itm.evaluate.completion import ConceptCompletion, rule_for
-from itm.evaluate.run import RECALL_CURVE_FILE, evaluate_matcher, recall_curve
-from itm.evaluate.score_file import SplitScores
-from itm.evaluate.statistics import Bootstrap
-from itm.measurements import write_record
+from itm.evaluate.headline import headline
 from itm.stage_runner import relaunch_under_torchrun, run_stage
-from itm.tracking import start_run_on_main
+from itm.tracking import download_model, is_model_uri, start_run_on_main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     parser.add_argument("--matcher", required=True, help="a key of `matchers` in params.yaml")
-    parser.add_argument("--model", type=Path, required=True, help="models/<matcher>/seed<seed>")
+    parser.add_argument(
+        "--model", required=True,
+        help="models/<matcher>/seed<seed>, or an MLflow URI of a trained matcher (runs:/<train run id>/model, "
+        "models:/<model id>, models:/<registered name>/<version>)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="the model's training seed (names the MLflow run)")
     parser.add_argument("--regions", type=Path, required=True, help="data/regions")
     parser.add_argument("--captions", type=Path, required=True, help="data/captions")
@@ -39,6 +37,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params(args.params)
     relaunch_under_torchrun("stages.evaluate", argv, params.evaluate)
+    # The work's modules (torch among them) are imported once the arguments and params are known to be good.
+    from itm import distributed
+    from itm.data.splits import DataFolders
+    from itm.device import default_device
+    from itm.evaluate.completion import ConceptCompletion, rule_for
+    from itm.evaluate.metrics import recall_curve
+    from itm.evaluate.run import RECALL_CURVE_FILE, evaluate_matcher
+    from itm.evaluate.score_file import SplitScores
+    from itm.evaluate.statistics import Bootstrap
+    from itm.measurements import write_record
+
     settings = params.evaluate
     completion = None
     if settings.transductive_concepts:
@@ -53,13 +62,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "bootstrap": settings.bootstrap.model_dump(),
     }
     with (
+        tempfile.TemporaryDirectory(prefix="itm-model-") as scratch,  # an MLflow model's download, while it runs
         distributed.processes(default_device()) as context,
         # rank 0 alone logs to MLflow (the others' tracker records nothing: run id None) and writes the outputs
         start_run_on_main(context.is_main, f"evaluate@{args.matcher}-{args.seed}", params=logged, tags=tags) as tracker,
     ):
         # every rank encodes and scores its share
+        model_dir = download_model(args.model, Path(scratch)) if is_model_uri(args.model) else Path(args.model)
         evaluation = evaluate_matcher(
-            args.model,
+            model_dir,
             DataFolders(args.regions, args.captions, args.dataset),
             params.active_dataset.kind,
             scores_path=args.scores,
@@ -76,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_record(args.work, args.scores, {"mlflow_run_id": tracker.run_id, **evaluation.timing})
             write_json(args.plots / RECALL_CURVE_FILE, recall_curve(SplitScores.load(args.scores)))
             tracker.log_artifact(args.metrics)
+            print("\n".join(headline(f"evaluate@{args.matcher}-{args.seed}", evaluation.metrics)), flush=True)
 
 
 if __name__ == "__main__":

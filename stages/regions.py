@@ -10,18 +10,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from itm import distributed
 from itm.atomic import write_json
 from itm.config import PARAMS_FILE, Params, RegionParams, load_params
-from itm.data.precomp import import_precomp
 from itm.data.records import DATASET_JSON, has_image_files
-from itm.detect.dataset_regions import extract_regions
-from itm.detect.extract import Extraction, Selection
-from itm.device import default_device
 from itm.errors import UserError
 from itm.stage_runner import default_workers, relaunch_under_torchrun, run_stage
 from itm.tracking import start_run_on_main
+
+if TYPE_CHECKING:
+    from itm.detect.extract import Extraction
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -45,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if settings.source == "detector":
         relaunch_under_torchrun("stages.regions", argv, settings)
+    # The work's modules (torch among them) are imported once the arguments and params are known to be good.
+    from itm import distributed
+    from itm.detect.dataset_regions import extract_regions
+    from itm.device import default_device
+
     with distributed.processes(default_device()) as context:
         if settings.source == "precomp" and not context.is_main:
             return  # the import is one process's work
@@ -64,12 +68,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _import_precomputed(params: Params, args: argparse.Namespace) -> dict[str, float]:
     """SCAN's precomputed features (SCAN's or VSE∞'s folder layout) as the region store."""
+    from itm.data.precomp import import_precomp
+
     assert params.regions.precomp_dir is not None  # enforced by the params schema
     id_field = "source_id" if params.active_dataset.kind == "coco" else "imgid"
     return import_precomp(Path(params.regions.precomp_dir), args.dataset / DATASET_JSON, args.out, id_field=id_field)
 
 
 def _extraction(settings: RegionParams, shard_size: int, workers: int) -> Extraction:
+    from itm.detect.extract import Extraction, Selection
+
     selection = Selection(settings.nms_threshold, settings.confidence_threshold, settings.min_boxes, settings.max_boxes)
     return Extraction(
         selection, batch_size=settings.batch_size, precision=settings.precision, shard_size=shard_size, workers=workers

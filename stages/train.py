@@ -7,16 +7,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from itm import distributed
 from itm.config import PARAMS_FILE, DownloadParams, MatcherParams, load_params
-from itm.data.splits import DataFolders
-from itm.device import default_device
 from itm.errors import UserError
 from itm.stage_runner import default_workers, relaunch_under_torchrun, run_stage
 from itm.tracking import start_run, start_run_on_main
-from itm.train.published import import_published
-from itm.train.run import resolved_settings, train_matcher
+
+if TYPE_CHECKING:
+    from itm.data.splits import DataFolders
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,14 +35,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.matcher not in params.matchers:
         raise UserError(f"--matcher {args.matcher!r} is not a key of matchers ({', '.join(params.matchers)})")
     matcher = params.matchers[args.matcher]
-    data = DataFolders(args.regions, args.captions, args.dataset)
     seed = params.train.seeds[0] if args.seed is None else args.seed
     if seed not in params.train.seeds:
         raise UserError(f"--seed {seed} is not one of train.seeds {list(params.train.seeds)}")
+    # The work's modules (torch among them) are imported once the arguments and params are known to be good.
+    from itm import distributed
+    from itm.data.splits import DataFolders
+    from itm.device import default_device
+    from itm.train.run import resolved_settings, train_matcher
+
+    data = DataFolders(args.regions, args.captions, args.dataset)
     if matcher.weights is not None:  # the same conversion for every seed: nothing is drawn at random
         convert(args, matcher, params.download, data, params.dataset, seed)
         return
-    logged = {"matcher": args.matcher, "matchers": {args.matcher: matcher.model_dump(mode="json")}}
+    logged = matcher_params(args.matcher, matcher)
     settings = resolved_settings(matcher, params.train).model_dump(mode="json", exclude={"seeds"})
     logged |= {"train": settings, "seed": seed, "dataset": params.dataset}
     relaunch_under_torchrun("stages.train", argv, params.train)
@@ -68,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
 
+def matcher_params(name: str, matcher: MatcherParams) -> dict[str, Any]:
+    """The MLflow params of a matcher's block: under `matchers.<name>` (as params.yaml spells it) and under `model`,
+    the prefix every matcher's run shares, so that two matchers compared in MLflow line up key by key."""
+    block = matcher.model_dump(mode="json")
+    return {"matcher": name, "matchers": {name: block}, "model": block}
+
+
 def convert(
     args: argparse.Namespace,
     matcher: MatcherParams,
@@ -77,7 +89,10 @@ def convert(
     seed: int,
 ) -> None:
     """The published weights of the block, converted in one process (nothing to train, nothing to distribute)."""
-    logged = {"matcher": args.matcher, "matchers": {args.matcher: matcher.model_dump(mode="json")}, "dataset": dataset}
+    from itm.device import default_device
+    from itm.train.published import import_published
+
+    logged = matcher_params(args.matcher, matcher) | {"dataset": dataset}
     tags = {"itm.matcher": args.matcher, "itm.dataset": dataset, "itm.weights": "published"}
     with start_run(f"train@{args.matcher}-{seed}", params=logged, tags=tags) as tracker:
         import_published(

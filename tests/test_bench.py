@@ -147,6 +147,18 @@ def test_search_shortlist_checks_the_search_path(repo: Path) -> None:  # noqa: F
 
 
 @pytest.mark.slow
+def test_startup_times_entry_points_here_and_in_another_revision() -> None:
+    output = bench("startup", "--only", "tokenize", "itm", "--repeats", "1", "--against", "HEAD")
+    references = [row[0] for row in table_rows(output, "reference", "seconds")]
+    assert references == ["python", "torch", "torchvision", "mlflow"]
+    rows = table_rows(output, "entry point", "help HEAD", "help now", "ratio")
+    assert [row[0] for row in rows] == ["tokenize", "itm"]
+    for row in rows:
+        assert len(row) == 7 and row[3].endswith("x") and row[6].endswith("x")
+        assert all(float(cell) > 0 for cell in (row[1], row[2], row[4], row[5]))
+
+
+@pytest.mark.slow
 def test_run_all_runs_one_benchmark_and_records_it(repo: Path, tmp_path: Path) -> None:  # noqa: F811
     record = tmp_path / "RESULTS.md"
     options = ["--models", "vsepp", "--images", "5", *_data_options(repo)]

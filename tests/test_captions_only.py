@@ -188,7 +188,8 @@ def _save_models(data: Path, models: Path) -> list[Entry]:
     entries = []
     metrics = {f"test/{side}_r{k}": 10.0 * k for side in ("i2t", "t2i") for k in (1, 5, 10)} | {"test/rsum": 96.0}
     for name, kind in (("vsepp", "vsepp"), ("scan", "scan"), ("mvam", "mvam")):
-        resolved = TypeAdapter(MatcherParams).validate_python({"kind": kind, "embed_dim": 16, "word_dim": 8})
+        views = {"views": 4} if kind == "mvam" else {}  # views of 4 dimensions (of 1, every score would be the same)
+        resolved = TypeAdapter(MatcherParams).validate_python({"kind": kind, "embed_dim": 16, "word_dim": 8, **views})
         torch.manual_seed(0)
         matcher = build_matcher(resolved, MatcherInputs(DIM, len(vocab)))
         card = {"name": name, "kind": kind, "params": resolved.model_dump(mode="json"), "feature_dim": DIM,

@@ -22,6 +22,7 @@ from itm.compare import (
     model_scores,
     pairwise_comparisons,
     read_timings,
+    recall_curves,
     run_records,
 )
 from itm.errors import UserError
@@ -139,7 +140,8 @@ def test_parent_run_has_one_child_per_model_with_its_links(tmp_path: Path) -> No
     for name in ("comparison.md", "comparison.parquet", "comparison.json", "timing.md"):
         (out / name).write_text("x")
     tracker = NullTracker()
-    figures = [out / "figures" / "f.png"]
+    figures = [out / "figures" / "f.png", out / "figures" / "retrieval_t2i_a.png", out / "figures" / "attention_ab.png"]
+    figures.append(out / "figures" / "retrieval_t2i_ab.png")
     timings = read_timings(entries, run_records(inputs, entries))
     log_comparison(tracker, inputs, entries, "| table |", out, figures, timings=timings)
     assert tracker.tags["mlflow.note.content"] == "| table |"
@@ -148,6 +150,8 @@ def test_parent_run_has_one_child_per_model_with_its_links(tmp_path: Path) -> No
         None,
     ) in tracker.artifacts
     assert list(tracker.children) == ["a", "b", "ab"]
+    own = {name: [path.name for path, folder in child.artifacts] for name, child in tracker.children.items()}
+    assert own == {"a": ["retrieval_t2i_a.png"], "b": [], "ab": ["attention_ab.png", "retrieval_t2i_ab.png"]}
     child = tracker.children["a"]
     assert child.tags["itm.run.train@a-0"] == "t-a" and child.tags["itm.run.evaluate@a-0"] == "e-a"
     assert child.metrics == [(FIGURES, None), ({"train_seconds": 60.0, "test/seconds_per_query": 0.004}, None)]
@@ -264,6 +268,19 @@ def test_pairwise_comparisons_read_each_models_matrix_and_an_ensembles_mean(tmp_
     other.save(seed_path(tmp_path / "scores", "weak", 0, ".npz"))  # other image ids: another gallery
     with pytest.raises(UserError, match="weak scored another test gallery than strong"):
         pairwise_comparisons(tmp_path / "scores", [entries[1], entries[0]], "synthetic", Significance(resamples=100))
+
+
+def test_recall_curves_hold_every_model_both_directions_from_its_matrix(tmp_path: Path) -> None:
+    saved = _galleries(tmp_path / "scores")
+    entries = [Entry("weak", "single", "vsepp", {}, 1, None), Entry("mix", "ensemble", "ensemble", {}, 2,
+                                                                       members=("strong", "weak"))]  # fmt: skip
+    rows = recall_curves(tmp_path / "scores", entries)
+    assert len(rows) == 2 * 2 * 20 and {row["model"] for row in rows} == {"weak", "mix"}
+    mean = (saved["strong"].scores + saved["weak"].scores) / 2
+    expected = recall_metrics(mean, saved["strong"].caption_image, ks=(1, 5))
+    mixed = {(row["direction"], row["k"]): row["recall"] for row in rows if row["model"] == "mix"}
+    assert mixed["text to image", 5] == pytest.approx(expected["t2i_r5"])
+    assert mixed["image to text", 1] == pytest.approx(expected["i2t_r1"])
 
 
 def test_the_compare_stage_reports_intervals_groups_and_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,7 +106,15 @@ MISTAKES = [
     ),
     (
         lambda r: r["matchers"]["mvam"].update(views=300),
-        "params.yaml: matchers.mvam: embed_dim (256) must be at least views (300), or set view_dim",
+        "params.yaml: matchers.mvam: embed_dim (256) // views (300) leaves views of fewer than 2 dimensions",
+    ),
+    (
+        lambda r: r["matchers"]["mvam"].update(embed_dim=16, views=16),  # 1-d views: every score the same
+        "params.yaml: matchers.mvam: embed_dim (16) // views (16) leaves views of fewer than 2 dimensions",
+    ),
+    (
+        lambda r: r["matchers"]["mvam"].update(view_dim=1),
+        "params.yaml: matchers.mvam.view_dim: ",
     ),
     (
         lambda r: r["matchers"]["mvam"].update(objective="triplet"),

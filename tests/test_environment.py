@@ -19,7 +19,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def test_a_stage_process_runs_the_pinned_kernels_and_threads() -> None:
-    probe = "import stages, torch, json; from itm import environment; environment.apply_threads(); "
+    probe = "import stages, torch, json; from itm import environment; from itm.device import default_device; "
+    probe += "default_device(); "
     probe += "print(json.dumps(environment.record()))"
     env = {key: value for key, value in os.environ.items() if key not in environment.X86_PINS}
     env.pop(environment.THREADS_VARIABLE, None)
@@ -30,15 +31,27 @@ def test_a_stage_process_runs_the_pinned_kernels_and_threads() -> None:
         assert (record["cpu_capability"], record["onednn_max_isa"], record["mkl_cbwr"]) == ("AVX2", "AVX2", "AVX2")
 
 
-def test_a_value_already_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_kernel_already_set_is_kept_and_the_threads_follow_itm_cpu_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     monkeypatch.setenv(environment.THREADS_VARIABLE, "3")
-    for name in (*environment.X86_PINS, "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # restored after the test
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # overridden: ITM_CPU_THREADS is the one knob of the count
+    for name in (*environment.X86_PINS, "MKL_NUM_THREADS"):  # restored after the test
         if name != "ATEN_CPU_CAPABILITY":
             monkeypatch.delenv(name, raising=False)
     environment.pin()
     assert os.environ["ATEN_CPU_CAPABILITY"] == "default"
-    assert os.environ["OMP_NUM_THREADS"] == "3" and environment.cpu_threads() == 3
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "3" and environment.cpu_threads() == 3
+
+
+def test_the_itm_command_runs_the_pinned_threads() -> None:
+    """`itm` is not a stage: its entry point pins the environment itself, before its lazy torch import."""
+    probe = "import sys, json; from itm import commands; sys.argv = ['itm', '--help']\n"
+    probe += "try:\n    commands.main()\nexcept SystemExit:\n    pass\n"
+    probe += "import os; print(json.dumps([os.environ['OMP_NUM_THREADS'], sorted(set(sys.modules) & {'torch'})]))"
+    env = {key: value for key, value in os.environ.items() if key not in environment.THREAD_VARIABLES}
+    env[environment.THREADS_VARIABLE] = "3"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == ["3", []]  # pinned, and torch not loaded yet
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])

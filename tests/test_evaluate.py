@@ -17,7 +17,8 @@ from itm.data.regions import ImageRegions, RegionStore, write_store
 from itm.device import autocast, running_precision
 from itm.errors import UserError
 from itm.evaluate.ensemble import average_scores, evaluate_ensemble
-from itm.evaluate.metrics import naive_recall_metrics, recall_metrics
+from itm.evaluate.headline import KS, headline
+from itm.evaluate.metrics import RSUM_KS, naive_recall_metrics, recall_metrics
 from itm.evaluate.protocols import evaluate_protocols, protocols_for
 from itm.evaluate.score_file import SplitScores
 from itm.evaluate.scoring import (
@@ -427,3 +428,19 @@ def test_the_intervals_reach_mlflow_with_the_other_metrics(tmp_path: Path, monke
     assert {key: logged[key] for key in written} == pytest.approx(written)  # every bound, beside its figure
     assert run.data.params["bootstrap.resamples"] == str(params.evaluate.bootstrap.resamples)
     assert run.info.run_name == f"ensemble@{name}-{first}" and run.data.tags["itm.seed"] == str(first)
+
+
+def test_the_headline_is_one_line_per_protocol_with_the_rsum_interval() -> None:
+    metrics = {f"{p}/{side}_r{k}": 10.0 * k + (p == "test_5k") for p in ("test_5fold1k", "test_5k")
+               for side in ("i2t", "t2i") for k in (1, 5, 10)}  # fmt: skip
+    metrics |= {"test_5fold1k/rsum": 320.0, "test_5k/rsum": 326.0, "test_5k/rsum_ci_low": 320.04}
+    metrics |= {"test_5k/rsum_ci_high": 331.96, "test_5k/images": 5000}
+    assert headline("evaluate@vsepp-0", metrics) == [
+        "evaluate@vsepp-0 test_5fold1k: i2t R@1/5/10 10.0/50.0/100.0, t2i R@1/5/10 10.0/50.0/100.0, rSum 320.0",
+        "evaluate@vsepp-0 test_5k: i2t R@1/5/10 11.0/51.0/101.0, t2i R@1/5/10 11.0/51.0/101.0, rSum 326.0 "
+        "[320.0, 332.0]",
+    ]
+
+
+def test_the_headline_keys_are_those_of_rsum() -> None:
+    assert KS == RSUM_KS

@@ -32,7 +32,7 @@ import pytest
 from tests.import_graph import ImportGraph
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("stages", "bench", "itm.commands"),
+    ("stages", "bench", "itm.commands", "itm.profiles"),
     ("itm.compare",),
     ("itm.report", "itm.figures", "itm.search"),
     ("itm.train", "itm.detect"),
@@ -43,7 +43,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("itm.config", "itm.distributed", "itm.tracking", "itm.atomic", "itm.device", "itm.safe_load", "itm.seeds"),
     ("itm.environment",),
     ("itm.launch",),
-    ("itm.errors",),
+    ("itm.errors", "itm.formatting"),
 )
 LAYER = {unit: number for number, units in enumerate(LAYERS, start=1) for unit in units}
 

@@ -247,7 +247,7 @@ def test_transductive_concepts_are_reported(prepared: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ensemble_of_the_two_scan_directions(prepared: Path) -> None:
+def test_ensemble_of_the_two_scan_directions(prepared: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`ensemble@scan_ensemble-0` averages its members' seed-0 score files (scores/<member>/seed0.npz)."""
     members = ("scan_t2i_avg", "scan_i2t_lse")
     for name in members:
@@ -261,6 +261,8 @@ def test_ensemble_of_the_two_scan_directions(prepared: Path) -> None:
     first, second = (_scores(prepared, name) for name in members)
     expected = recall_metrics((first.scores + second.scores) / 2, first.caption_image)
     assert figures["test/rsum"] == pytest.approx(expected["rsum"])
+    headline = f"ensemble@scan_ensemble-0 test: i2t R@1/5/10 {figures['test/i2t_r1']:.1f}/"
+    assert headline in capsys.readouterr().out  # the stage ends with its figures
 
 
 @pytest.mark.slow

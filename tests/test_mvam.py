@@ -4,8 +4,10 @@ vector's dot product as the mean per-view cosine, InfoNCE by hand, and the expor
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from itm.models import Matcher, MatcherInputs, build_matcher
 from itm.models.encoders import l2norm
 from itm.models.mvam import InfoNceLoss, MultiViewAttention, diversity_penalty
 from itm.pair_attention import pair_views
+from itm.train.run import warn_if_views_outnumber_tokens
 
 
 def _close(actual: Tensor, expected: Tensor, atol: float = 1e-6) -> None:
@@ -211,3 +214,18 @@ def test_pair_views_explain_the_score() -> None:
     cosine_only = build_matcher(TypeAdapter(MatcherParams).validate_python({"kind": "vsepp"}), MatcherInputs(6, 20))
     with pytest.raises(ValueError, match="not a multi-view matcher"):
         pair_views(cosine_only, image, caption)
+
+
+def test_more_views_than_regions_or_words_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    params = TypeAdapter(MatcherParams).validate_python({"kind": "mvam", "embed_dim": 64, "views": 16})
+    store = SimpleNamespace(info={"images": 4, "boxes": 40})  # 10 regions per image
+    captions = SimpleNamespace(token_ids=[[1] * 12, [1] * 20, [1] * 30])  # median 20 words
+    with caplog.at_level(logging.WARNING):
+        warn_if_views_outnumber_tokens("mvam", params, SimpleNamespace(store=store, captions=captions))
+    assert [record.getMessage() for record in caplog.records] == [
+        "mvam: its 16 views outnumber the regions per image (mean), 10.0: several views attend over the same tokens"
+    ]
+    caplog.clear()
+    few = params.model_copy(update={"views": 8})
+    warn_if_views_outnumber_tokens("mvam", few, SimpleNamespace(store=store, captions=captions))
+    assert caplog.records == []

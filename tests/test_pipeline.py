@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.tiny_repo import file_differences, make_tiny_repo, md5, run, tracked_files
+from tests.tiny_repo import environment, file_differences, make_tiny_repo, md5, run, tracked_files
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,14 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(reproduced
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
     shown = json.dumps(metrics)
     assert "test/gt_coverage_iou50" in shown and "val/object_ap50" in shown
-    for name in [*matchers, "scan_ensemble"]:
-        assert f"metrics/{name}/seed0.json" in shown and '"test/rsum"' in shown
+    headline = next(iter(metrics.values()))["data"]["reports/comparison.json"]["data"]["test"]
+    assert set(headline) == {*matchers, "scan_ensemble"} and all("rsum" in row for row in headline.values())
+    assert "metrics/vsepp/seed0.json" not in shown  # each figure has one home in what DVC shows
     assert "seconds" not in shown  # times live in the runs' records, not in what DVC tracks
+    charts = json.loads(run(["dvc", "plots", "show", "--json"], tiny_repo).stdout)["data"]
+    assert "reports/recall_curves.json" in charts and "reports/rsum.json" in charts
+    curves = [name for name in charts if name.endswith("recall_curve.json")]
+    assert sorted(curves) == sorted(f"plots/{name}/seed0/recall_curve.json" for name in matchers)  # once each
     dataset_json = tiny_repo / "data" / "raw" / "synthetic" / "dataset.json"
     test_captions = tiny_repo / "data" / "captions" / "test.parquet"
     before = md5(dataset_json), md5(test_captions)
@@ -143,3 +150,28 @@ def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stag
     for name in [*matchers, "scan_ensemble"]:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         assert re.search(r"\d ± \d+\.\d \(3 seeds\)", row), row
+
+
+@pytest.mark.slow
+def test_a_profile_runs_as_its_own_experiment_and_leaves_the_workspace_as_it_was(reproduced: Reproduced) -> None:
+    """`python -m itm.profiles <file>` (what `make quick` runs) checks the profile, runs it with `dvc exp run --temp`
+    and prints the experiment's table; the workspace's params, lock and reports stay as they were."""
+    repo = reproduced.repo
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "state before the profile", "--allow-empty"], repo)
+    profile = repo / "few_examples.yaml"
+    profile.write_text("compare:\n  examples: 1\n")
+    kept = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock", "reports/comparison.md")}
+    done = run([sys.executable, "-m", "itm.profiles", str(profile)], repo)
+    assert _ran(done.stdout) == {"compare"}  # everything else restored from the cache
+    name = re.search(r"as the DVC experiment (few_examples-\d{8}-\d{6})", done.stdout).group(1)
+    assert f"reports/comparison.md of {name}" in done.stdout and "| vsepp |" in done.stdout
+    assert {name: (repo / name).read_bytes() for name in kept} == kept
+    listed = run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert name in listed
+
+    profile.write_text("compare:\n  exampels: 1\n")
+    mistake = subprocess.run([sys.executable, "-m", "itm.profiles", str(profile)], cwd=repo, env=environment(),
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert mistake.returncode == 2
+    assert mistake.stderr.strip() == "error: profile key compare.exampels: params.yaml has no such key"

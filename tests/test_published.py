@@ -145,6 +145,7 @@ def test_the_compare_stage_writes_published_rows_to_the_table_but_not_the_metric
     monkeypatch.setattr(itm.compare, "draw_figures", lambda *args: [])  # figures: their own tests
     monkeypatch.setattr(itm.compare, "log_comparison", lambda *args: None)
     monkeypatch.setattr(itm.compare, "pairwise_comparisons", lambda *args: {})  # tests: test_compare.py
+    monkeypatch.setattr(itm.compare, "recall_curves", lambda *args: [])  # test_compare.py
     inputs = itm.compare.Inputs(tmp_path / "metrics", tmp_path / "models", tmp_path, tmp_path, tmp_path, tmp_path)
     out = tmp_path / "reports"
     examples = itm.compare.Examples()

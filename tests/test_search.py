@@ -38,19 +38,13 @@ from itm.models import MatcherInputs, build_matcher
 from itm.models.base import Encoded
 from itm.models.encoders import l2norm
 from itm.models.saved import save_matcher
-from itm.search import (
-    Options,
-    SearchIndex,
-    hard_attention_scores,
-    hard_direction,
-    open_index,
-    query_concepts,
-    search_image,
-    search_text,
-    shortlist_rank,
-    text_query,
-)
+from itm.search.engine import search_image, search_text
+from itm.search.index import SearchIndex, open_index
+from itm.search.options import Options
+from itm.search.queries import query_concepts, text_query
+from itm.search.shortlist import hard_attention_scores, hard_direction, shortlist_rank
 from itm.seeds import seed_path
+from itm.tracking import start_run
 from stages import train
 from tests.conftest import TINY_DETECTOR, TINY_SYNTHETIC
 from tests.test_convert import random_detector
@@ -388,6 +382,31 @@ def test_the_command_prints_a_table_and_writes_sheets(
     for sheet in ("text.png", "image.png"):
         with Image.open(tmp_path / sheet) as image:
             assert image.format == "PNG" and image.width >= 400 and image.height >= 200
+
+
+@pytest.mark.slow
+def test_the_command_takes_an_mlflow_model_uri(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """A model logged by its train run (`models:/<id>`, `runs:/<run id>/model`) ranks as its folder does."""
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("ITM_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    folder = repo / "models" / "scan_t2i_avg" / "seed0"
+    with start_run("train@scan_t2i_avg-0") as tracker:
+        tracker.log_artifact(folder / "model.pt", "model")
+        tracker.log_artifact(folder / "card.json", "model")
+        model_id = tracker.log_model(folder, "scan_t2i_avg", params={}, metrics={}, tags={})
+    _, _, texts = _test_texts(repo)
+    tables = []
+    for model in ("models/scan_t2i_avg/seed0", f"models:/{model_id}", f"runs:/{tracker.run_id}/model"):
+        commands.main(["search", "--model", model, "--text", texts[0], "--top", "4"])
+        tables.append(capsys.readouterr().out.splitlines()[1:])  # the header's time differs
+    assert tables[0] == tables[1] == tables[2] and len(tables[0]) == 5
+    with pytest.raises(SystemExit) as stopped:
+        commands.main(["search", "--model", "models:/m-unknown", "--text", texts[0]])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "models:/m-unknown: cannot download it from sqlite:///" in error
 
 
 @pytest.mark.slow

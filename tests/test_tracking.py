@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from itm.tracking import NullTracker, flatten, repository_root, run_tags, start_run, tracking_uri
+from itm.config import load_params
+from itm.errors import UserError
+from itm.tracking import (
+    MODEL_TYPE,
+    NullTracker,
+    download_model,
+    flatten,
+    git_revision,
+    is_model_uri,
+    repository_root,
+    run_tags,
+    start_run,
+    tracking_uri,
+)
+from stages.train import matcher_params
+from tests.conftest import REPO
 
 
 def test_flatten_nested_params() -> None:
@@ -73,3 +89,73 @@ def test_mlflow_run_records_params_metrics_tags_and_failures(tmp_path: Path, mon
     assert mlflow.artifacts.load_dict(f"runs:/{run_id}/params.json") == params
     experiment = mlflow.get_experiment_by_name("itm-test")
     assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri())
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+
+
+def test_the_revision_is_dirty_for_code_and_params_not_for_what_dvc_rewrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "itm").mkdir()
+    for name in ("itm/code.py", "params.yaml", "dvc.lock", "README.md"):
+        (tmp_path / name).write_text("a\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "first")
+    (tmp_path / "itm").joinpath("sub").mkdir()
+    monkeypatch.chdir(tmp_path / "itm" / "sub")  # from any folder of the repository
+    clean = git_revision()
+    assert len(clean) == 40
+    for name in ("dvc.lock", "README.md"):  # outputs DVC rewrites, documentation: not inputs of a run
+        (tmp_path / name).write_text("b\n")
+    assert git_revision() == clean
+    for name in ("params.yaml", "itm/code.py"):
+        (tmp_path / name).write_text("b\n")
+        assert git_revision() == f"{clean}-dirty"
+        git("checkout", "--", name)
+
+
+def test_every_matcher_run_logs_its_block_under_one_prefix() -> None:
+    params = load_params(REPO / "params.yaml")
+    first, second = (flatten(matcher_params(name, params.matchers[name])) for name in ("scan_t2i_avg", "scan_i2t_lse"))
+    shared = {key for key in first if key.startswith("model.")}
+    assert shared == {key for key in second if key.startswith("model.")} and "model.embed_dim" in shared
+    assert first["model.direction"] == "t2i" and second["model.direction"] == "i2t"
+    assert first["matchers.scan_t2i_avg.direction"] == "t2i"  # as params.yaml spells it, too
+
+
+def test_a_trained_model_is_logged_as_an_mlflow_model_and_downloads_by_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ITM_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "itm-test")
+    folder = tmp_path / "models" / "vsepp" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"weights")
+    (folder / "card.json").write_text('{"name": "vsepp"}')
+    with start_run("train@vsepp-0") as tracker:
+        tracker.log_artifact(folder / "model.pt", "model")
+        tracker.log_artifact(folder / "card.json", "model")
+        model_id = tracker.log_model(folder, "vsepp", params={"embed_dim": 16}, metrics={"best/val_rsum": 42.0},
+                                     tags={"itm.seed": "0"})  # fmt: skip
+        run_id = tracker.run_id
+    assert model_id is not None
+    mlflow.set_tracking_uri(tracking_uri())
+    model = mlflow.MlflowClient().get_logged_model(model_id)
+    assert model.status == "READY" and model.source_run_id == run_id and model.model_type == MODEL_TYPE
+    assert model.params == {"embed_dim": "16"} and model.tags["itm.seed"] == "0"
+    assert [(metric.key, metric.value) for metric in model.metrics] == [("best/val_rsum", 42.0)]
+    for uri in (f"models:/{model_id}", f"runs:/{run_id}/model"):
+        assert is_model_uri(uri)
+        downloaded = download_model(uri, tmp_path / "download" / uri.split(":")[0])
+        assert (downloaded / "model.pt").read_bytes() == b"weights"
+        assert (downloaded / "card.json").read_text() == '{"name": "vsepp"}'
+    assert not is_model_uri("models/vsepp/seed0")
+    with pytest.raises(UserError, match=r"^models:/m-0000: cannot download it from sqlite:///"):
+        download_model("models:/m-0000", tmp_path / "nothing")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from itm.config import TrainParams
+from itm.config import TrainParams, load_params
 from itm.data.batches import Captions, Regions
 from itm.errors import UserError
 from itm.models.base import Encoded, Matcher
@@ -19,6 +19,8 @@ from itm.models.losses import ContrastiveLoss
 from itm.tracking import NullTracker
 from itm.train import loop
 from itm.train.loop import CAP, PLATEAU, epochs_without_progress, fit, learning_rate, stop_reason
+from itm.train.run import resolved_settings
+from tests.conftest import REPO
 
 
 class _MeanImage(nn.Module):
@@ -231,3 +233,16 @@ def test_the_warmup_sums_every_violation_then_takes_the_hardest(tmp_path: Path) 
     result = _fit(matcher, tmp_path, NullTracker(), settings)
     assert [figures["train/warmup"] for figures in result.history] == [1.0, 1.0, 0.0, 0.0]
     assert not matcher.loss.warming_up  # the trained model ranks with its own loss setting
+
+
+def test_the_epoch_limit_caps_every_matcher_whatever_its_own_max_epochs() -> None:
+    params = load_params(REPO / "params.yaml")
+    own = {name: block.max_epochs for name, block in params.matchers.items() if block.max_epochs is not None}
+    unlimited = {name: resolved_settings(block, params.train).max_epochs for name, block in params.matchers.items()}
+    assert all(unlimited[name] == own.get(name, params.train.max_epochs) for name in params.matchers)
+    own_cap = params.matchers["vsepp"].model_copy(update={"max_epochs": 20})
+    assert resolved_settings(own_cap, params.train).max_epochs == 20
+    limited = params.train.model_copy(update={"epoch_limit": 1})
+    assert {resolved_settings(block, limited).max_epochs for block in [*params.matchers.values(), own_cap]} == {1}
+    roomy = params.train.model_copy(update={"epoch_limit": 1000})  # a limit above a matcher's own cap changes nothing
+    assert {name: resolved_settings(block, roomy).max_epochs for name, block in params.matchers.items()} == unlimited

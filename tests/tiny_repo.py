@@ -71,6 +71,7 @@ def make_tiny_repo(repo: Path) -> Path:
     params["regions"] |= {"min_boxes": 3, "max_boxes": 10}
     for block in params["matchers"].values():
         block |= {"embed_dim": 16, "word_dim": 8}
+    params["matchers"]["mvam"]["views"] = 4  # views of 4 dimensions
     params["train"] |= {"max_epochs": 1, "batch_size": 32}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)

@@ -25,6 +25,7 @@ from itm.data.records import SPLITS, ImageRecord
 from itm.data.text import tokenize
 from itm.data.vocab import build_vocab, save_vocab
 from itm.errors import UserError
+from itm.formatting import format_figures
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def write_captions(
     summary |= {"vocab_size": len(vocab), "concepts": len(concepts.words)}
     unknown = _unknown_share(captions, vocab.words)
     summary |= {f"unk_rate/{split}": share for split, share in unknown.items()}
-    log.info("captions: %s", summary)
+    log.info("captions: %s", format_figures(summary))
     return summary
 
 

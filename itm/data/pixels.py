@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2 as transforms
 
 from itm.data.batches import Images, Pixels, PixelSpec
 from itm.data.records import read_dataset_json
@@ -44,6 +43,8 @@ class PixelStore:
         self.spec = spec
         self.info: dict[str, Any] = {"source": "pixels", "size": spec.size, "mean": spec.mean, "std": spec.std}
         self._files = {record.imgid: dataset_dir / "images" / record.filename for record in records}
+        from torchvision.transforms import v2 as transforms  # here: importing torchvision costs seconds
+
         self._prepare = transforms.Compose(
             [
                 transforms.Resize(spec.size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),

@@ -17,6 +17,7 @@ from itm.detect.images import UnreadableImageError, load_bgr
 from itm.detect.metrics import ground_truth_coverage
 from itm.detect.saved import load_detector
 from itm.distributed import SINGLE_PROCESS, Context
+from itm.formatting import format_figures
 from itm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def _check_precision(
         if len(images) == settings.batch_size:
             break
     agreement = precision_agreement(model, images, settings.precision)
-    log.info("%s vs fp32 on %d images: %s", settings.precision, len(images), agreement)
+    log.info("%s vs fp32 on %d images: %s", settings.precision, len(images), format_figures(agreement))
     if agreement["mean_cosine"] < 0.99:
         log.warning(
             "%s features differ from fp32 (mean cosine %.4f); consider fp32",
@@ -95,5 +96,5 @@ def coverage_by_split(dataset_dir: Path, regions_dir: Path, records: list[ImageR
         coverage[f"{split}/gt_coverage_iou50"] = ground_truth_coverage(
             [truth.get(i, torch.zeros(0, 4)) for i in ids], regions
         )
-    log.info("ground-truth objects covered by a region at IoU >= 0.5: %s", coverage)
+    log.info("ground-truth objects covered by a region at IoU >= 0.5: %s", format_figures(coverage))
     return coverage

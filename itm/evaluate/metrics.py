@@ -18,10 +18,14 @@ resamples); `naive_recall_metrics` is the per-query loop of SCAN kept as the ref
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from itm.evaluate.score_file import SplitScores
 
 RSUM_KS = (1, 5, 10)
 _BLOCK_ELEMENTS = 1 << 24  # scores compared at once when counting ranks (16M: a 64 MiB float32 block)
@@ -145,3 +149,9 @@ def naive_recall_metrics(scores: Tensor, caption_image: Tensor, ks: Iterable[int
         metrics[f"{side}_meanr"] = float(ranks.mean() + 1)
     metrics["rsum"] = sum(metrics[f"{side}_r{k}"] for side in ("i2t", "t2i") for k in RSUM_KS)
     return metrics
+
+
+def recall_curve(test: SplitScores, ks: tuple[int, ...] = tuple(range(1, 21))) -> list[dict[str, float]]:
+    """Recall@K for K = 1..20 in both directions, over the whole test split (a DVC plot)."""
+    metrics = recall_metrics(test.scores, test.caption_image, ks=ks)
+    return [{"k": k, "i2t": metrics[f"i2t_r{k}"], "t2i": metrics[f"t2i_r{k}"]} for k in ks]

@@ -12,7 +12,6 @@ import torch
 from itm.data.splits import DataFolders
 from itm.distributed import Context
 from itm.evaluate.completion import ConceptCompletion
-from itm.evaluate.metrics import recall_metrics
 from itm.evaluate.protocols import protocol_metrics
 from itm.evaluate.score_file import SplitScores
 from itm.evaluate.scoring import retrieval_timing, score_split
@@ -80,9 +79,3 @@ def evaluate_matcher(
     if matcher.n_concepts > 0:
         metrics["test/transductive_concepts"] = float(completion is not None)
     return Evaluation(metrics, {f"test/{key}": value for key, value in timing.items()})
-
-
-def recall_curve(test: SplitScores, ks: tuple[int, ...] = tuple(range(1, 21))) -> list[dict[str, float]]:
-    """Recall@K for K = 1..20 in both directions, over the whole test split (a DVC plot)."""
-    metrics = recall_metrics(test.scores, test.caption_image, ks=ks)
-    return [{"k": k, "i2t": metrics[f"i2t_r{k}"], "t2i": metrics[f"t2i_r{k}"]} for k in ks]

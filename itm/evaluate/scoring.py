@@ -146,10 +146,8 @@ def score_matrix(
     columns = range(min(chunks.start * caption_chunk, n_cap), min(chunks.stop * caption_chunk, n_cap))
     mine = torch.empty(n_img, len(columns), dtype=torch.float32)  # this rank's columns of the matrix
     n_blocks = len(chunks) * _n_batches(n_img, image_chunk)
-    with (
-        _evaluating(matcher),
-        tqdm(total=n_blocks, desc="scoring", unit="block", mininterval=5, disable=not context.is_main) as bar,
-    ):
+    progress = {"unit": "block", "mininterval": 5, "leave": False, "disable": not context.is_main}
+    with _evaluating(matcher), tqdm(total=n_blocks, desc="scoring", **progress) as bar:
         started = _start_clock(device, context)
         gallery = images.to(device) if columns else images  # the image side is cached on the device
         for c in range(columns.start, columns.stop, caption_chunk):
@@ -250,7 +248,9 @@ def _encode(
     parts: list[Encoded] = []
     with _evaluating(matcher):
         started = _start_clock(device, context)
-        bar = tqdm(mine, desc=f"encoding {label}", unit="batch", mininterval=5, disable=not context.is_main)
+        bar = tqdm(
+            mine, desc=f"encoding {label}", unit="batch", mininterval=5, leave=False, disable=not context.is_main
+        )
         for index in bar:
             parts.append(encode(batch(index).to(device)).to(CPU))
         encoded = _gather_encoded(Encoded.concatenate(parts) if parts else None, context)

@@ -12,57 +12,8 @@ of the pooled vectors). Their derivation, and the measurements behind which side
 `itm.search.shortlist`. Other matchers (VSE++, CVSE, MH-CVSE, MVAM) already score by one dot product of two
 vectors: every item is scored.
 
-The modules: `shortlist` (cheap scores and the shortlist ranking), `index` (the split and matcher searched),
-`queries` (encoding a text or an image query), `engine` (the searches and their results), `presentation` (the
-printed table and the contact sheet). Their public names are re-exported here.
+The modules: `options` (how a search ranks; free of torch, for the command's arguments), `shortlist` (cheap scores
+and the shortlist ranking), `index` (the split and matcher searched), `queries` (encoding a text or an image query),
+`engine` (the searches and their results), `presentation` (the printed table and the contact sheet). Import from
+them: this package imports nothing, so that `itm --help` stays quick.
 """
-
-from itm.search.engine import Hit, Options, SearchResult, search_image, search_text
-from itm.search.index import SearchIndex, is_matcher_folder, open_index
-from itm.search.presentation import format_table, write_sheet
-from itm.search.queries import ImageQuery, detect_regions, image_query, indexed_image_id, query_concepts, text_query
-from itm.search.shortlist import (
-    DEFAULT_SHORTLIST,
-    DEFAULT_SHORTLIST_BY,
-    HARD_MAX_ELEMENTS,
-    SHORTLIST_BY,
-    QueryKind,
-    ShortlistBy,
-    cheap_scores,
-    hard_attention_scores,
-    hard_direction,
-    pooled_scores,
-    scorer_direction,
-    shortlist_rank,
-)
-
-__all__ = [
-    "DEFAULT_SHORTLIST",
-    "DEFAULT_SHORTLIST_BY",
-    "HARD_MAX_ELEMENTS",
-    "SHORTLIST_BY",
-    "Hit",
-    "ImageQuery",
-    "Options",
-    "QueryKind",
-    "SearchIndex",
-    "SearchResult",
-    "ShortlistBy",
-    "cheap_scores",
-    "detect_regions",
-    "format_table",
-    "hard_attention_scores",
-    "hard_direction",
-    "image_query",
-    "indexed_image_id",
-    "is_matcher_folder",
-    "open_index",
-    "pooled_scores",
-    "query_concepts",
-    "scorer_direction",
-    "search_image",
-    "search_text",
-    "shortlist_rank",
-    "text_query",
-    "write_sheet",
-]

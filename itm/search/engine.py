@@ -13,18 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from itm.errors import UserError
 from itm.search.index import SearchIndex
+from itm.search.options import Options, QueryKind
 from itm.search.queries import image_query, text_query
-from itm.search.shortlist import (
-    DEFAULT_SHORTLIST,
-    DEFAULT_SHORTLIST_BY,
-    SHORTLIST_BY,
-    QueryKind,
-    ShortlistBy,
-    cheap_scores,
-    shortlist_rank,
-)
+from itm.search.shortlist import cheap_scores, shortlist_rank
 
 log = logging.getLogger(__package__)  # "itm.search", the logger name the log lines always had
 
@@ -50,23 +42,6 @@ class SearchResult:
     gallery: int
     seconds: float  # scoring time of the query (cheap score, shortlist and full score), encoding excluded
     query_image_id: int | None = None
-
-
-@dataclass(frozen=True)
-class Options:
-    """How a search ranks: result count, shortlist size (0: score everything) and the shortlist score."""
-
-    top: int = 5
-    shortlist: int = DEFAULT_SHORTLIST
-    shortlist_by: ShortlistBy = DEFAULT_SHORTLIST_BY
-
-    def __post_init__(self) -> None:
-        if self.top < 1:
-            raise UserError(f"--top must be at least 1, got {self.top}")
-        if self.shortlist < 0:
-            raise UserError(f"--shortlist must be 0 (score everything) or positive, got {self.shortlist}")
-        if self.shortlist_by not in SHORTLIST_BY:
-            raise UserError(f"--shortlist-by {self.shortlist_by!r} is not one of {', '.join(SHORTLIST_BY)}")
 
 
 def search_text(index: SearchIndex, text: str, options: Options) -> SearchResult:

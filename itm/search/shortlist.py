@@ -24,19 +24,14 @@ Other matchers (VSE++, CVSE, MH-CVSE, MVAM) already score by one dot product of 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from itm.errors import UserError
 from itm.models.base import Encoded, Matcher
+from itm.search.options import SHORTLIST_BY, QueryKind, ShortlistBy
 
-ShortlistBy = Literal["hard", "pooled"]
-QueryKind = Literal["text", "image"]
-SHORTLIST_BY: tuple[ShortlistBy, ...] = ("hard", "pooled")
-DEFAULT_SHORTLIST_BY: ShortlistBy = "hard"
-DEFAULT_SHORTLIST = 100
 # The hard-attention score builds [images, R, captions, L] similarities; at most this many elements at a time.
 HARD_MAX_ELEMENTS = 2**24
 

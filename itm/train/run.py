@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from itm import environment
 from itm.atomic import staged_dir
-from itm.config import MatcherParams, TrainParams
+from itm.config import MatcherParams, MvamParams, TrainParams
 from itm.data.captions import captions_file
 from itm.data.loaders import CaptionImagePairs, CaptionTable, PairCollator, image_concepts
 from itm.data.pixels import ImageStore
@@ -26,7 +27,7 @@ from itm.evaluate.scoring import score_split
 from itm.measurements import write_record
 from itm.models import Matcher, build_matcher, inputs_for_training, save_matcher
 from itm.models.saved import MODEL_FILE
-from itm.tracking import Tracker
+from itm.tracking import RUN_MODEL_DIR, Tracker
 from itm.train.batches import GlobalBatchSampler
 from itm.train.loop import CHECKPOINT, FitResult, fit
 
@@ -59,9 +60,13 @@ OWN_SETTINGS = ("max_epochs", "schedule", "learning_rate", "decay_epochs", "warm
 
 def resolved_settings(params: MatcherParams, settings: TrainParams) -> TrainParams:
     """The training settings of one matcher: the shared ones, with the matcher's own recipe (`OWN_SETTINGS`) where
-    it sets it."""
+    it sets it, and its `max_epochs` no more than the shared `epoch_limit` when there is one."""
     own = {key: getattr(params, key) for key in OWN_SETTINGS if getattr(params, key) is not None}
-    return settings.model_copy(update=own) if own else settings
+    resolved = settings.model_copy(update=own) if own else settings
+    limit = resolved.epoch_limit
+    if limit is not None and resolved.max_epochs > limit:
+        resolved = resolved.model_copy(update={"max_epochs": limit})
+    return resolved
 
 
 def train_matcher(
@@ -92,6 +97,7 @@ def train_matcher(
     matcher = build_matcher(params, inputs_for_training(params, data.feature_dim, len(data.vocab), data.concepts))
     matcher = matcher.to(device)
     train, val = training_splits(data, matcher)
+    warn_if_views_outnumber_tokens(name, params, train)
 
     def batches(epoch: int) -> DataLoader:
         # A fixed shuffle per (seed, epoch), so a resumed run sees the same batches, and the same on every process,
@@ -145,16 +151,35 @@ def train_matcher(
             }
             save_matcher(staging, weights, card, data.concepts if labelled else None)
         write_record(work_dir, out_dir / MODEL_FILE, measurements(result, tracker))
-        tracker.log_metrics({f"best/val_{key}": value for key, value in result.best_metrics.items()})
+        best = {f"best/val_{key}": value for key, value in result.best_metrics.items()}
+        tags = {"itm.matcher": name, "itm.kind": params.kind, "itm.seed": str(seed)}
+        tracker.log_model(out_dir, name, params=card["params"], metrics=best, tags=tags)  # models:/<id>, metrics linked
         tracker.log_metrics({"train_seconds": sum(result.epoch_seconds), "pairs_seen": float(result.pairs_seen)})
         tracker.set_tags({"itm.stopped": str(result.stopped), "itm.epochs": str(result.epochs)})
         tracker.log_dict(card["environment"], "environment.json")
         tracker.log_dict({"matcher": card["params"], "train": card["train"]}, "config.json")  # the resolved config
-        tracker.log_artifact(out_dir / "model.pt")
-        tracker.log_artifact(out_dir / "card.json")
+        tracker.log_artifact(out_dir / "model.pt", RUN_MODEL_DIR)  # runs:/<run id>/model
+        tracker.log_artifact(out_dir / "card.json", RUN_MODEL_DIR)
         (work_dir / CHECKPOINT).unlink(missing_ok=True)
     log.info("%s: best val rsum %.2f at epoch %d", name, result.best_metrics["rsum"], result.best_epoch)
     return card
+
+
+def warn_if_views_outnumber_tokens(name: str, params: MatcherParams, train: SplitData) -> None:
+    """MVAM's views each attend over one side's tokens: with more views than an image has regions, or than a
+    caption has words, several views attend over the same few tokens. Said once, at the start of training."""
+    if not isinstance(params, MvamParams) or params.backbone != "own":
+        return
+    info = train.store.info
+    sides = {"words per caption (median)": statistics.median(len(ids) for ids in train.captions.token_ids)}
+    if info.get("images"):
+        sides["regions per image (mean)"] = info["boxes"] / info["images"]
+    for side, count in sides.items():
+        if params.views > count:
+            log.warning(
+                "%s: its %d views outnumber the %s, %.1f: several views attend over the same tokens",
+                name, params.views, side, count,
+            )  # fmt: skip
 
 
 def training_summary(result: FitResult, settings: TrainParams) -> dict[str, Any]:
