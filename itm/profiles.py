@@ -20,7 +20,7 @@ import datetime
 import json
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import yaml
 from itm.config import PARAMS_FILE, parse_params
 from itm.errors import UserError
 from itm.stage_runner import run_stage
+from itm.tracking import flatten
 
 EVERY_MATCHER = "*"
 REPORT = "reports/comparison.md"
@@ -60,20 +61,10 @@ def expand_matchers(profile: Mapping[str, Any], matchers: Sequence[str]) -> dict
     return expanded
 
 
-def leaves(overrides: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) for every value of `overrides` that is not itself a mapping."""
-    for key, value in overrides.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from leaves(value, f"{dotted}.")
-        else:
-            yield dotted, value
-
-
 def applied(params: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `params` with every leaf of `overrides` set; a key params.yaml does not have is a mistake."""
     result = json.loads(json.dumps(params))
-    for dotted, value in leaves(overrides):
+    for dotted, value in flatten(overrides).items():
         node = result
         *parents, last = dotted.split(".")
         for part in parents:
@@ -90,7 +81,7 @@ def set_flags(overrides: Mapping[str, Any]) -> list[str]:
     """`-S key=value` arguments of `dvc exp run` for every leaf (values in JSON, which DVC's override grammar reads:
     numbers, true/false, null, lists; strings quoted)."""
     flags = []
-    for dotted, value in leaves(overrides):
+    for dotted, value in flatten(overrides).items():
         flags += ["-S", f"{dotted}={json.dumps(value)}"]
     return flags
 
