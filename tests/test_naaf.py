@@ -138,8 +138,9 @@ def test_training_ignores_padded_regions() -> None:
     plain_scorer, padded_scorer = _scorer().train(), _scorer().train()
     _close(padded_scorer(padded, captions), plain_scorer(images, captions), atol=1e-6)
     assert float(plain_scorer.threshold) > 0.2
-    assert float(padded_scorer.threshold) == pytest.approx(float(plain_scorer.threshold), abs=1e-9)
-    assert float(padded_scorer.safe_threshold) == pytest.approx(float(plain_scorer.safe_threshold), abs=1e-9)
+    # the padded batch's wider tensors may sum in another order: equal up to float32 rounding
+    assert float(padded_scorer.threshold) == pytest.approx(float(plain_scorer.threshold), abs=1e-6)
+    assert float(padded_scorer.safe_threshold) == pytest.approx(float(plain_scorer.safe_threshold), abs=1e-6)
 
 
 def _naaf_encoders(matcher: Matcher, seed: int) -> tuple[original.EncoderImagePrecomp, original.EncoderText]:

@@ -108,17 +108,23 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(reproduced
     plotted = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json", "--split"], tiny_repo).stdout)
     assert "reports/rsum.json" in json.dumps(plotted) and "attention_scan_t2i_avg.png" in json.dumps(plotted)
 
-    experiment = run(["dvc", "exp", "run", "-S", "datasets.synthetic.seed=7"], tiny_repo)
-    assert "Running stage 'download'" in experiment.stdout
+    # another dataset, as far as the captions (the stages after them would run as on the first repro)
+    experiment = run(["dvc", "exp", "run", "-S", "datasets.synthetic.seed=7", "tokenize"], tiny_repo)
+    assert _ran(experiment.stdout) == {"download", "tokenize"}
     assert (md5(dataset_json), md5(test_captions)) != before
     assert yaml.safe_load((tiny_repo / "params.yaml").read_text())["datasets"]["synthetic"]["seed"] == 7
+    # back to the committed state (the profile test below runs on it)
+    run(["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock"], tiny_repo)
+    run(["dvc", "checkout"], tiny_repo)
+    assert (md5(dataset_json), md5(test_captions)) == before
 
 
 @pytest.mark.slow
 def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stages(reproduced: Reproduced) -> None:
     """Every tracked output is a function of code, params and data on one machine: the same commit, run again in
-    another folder, writes the same bytes and so the same dvc.lock. Then `train.seeds=[0,1,2]` adds the new seeds' own
-    train, evaluate and ensemble stages and leaves seed 0's as they are; the report shows rSum mean ± std over three."""
+    another folder, writes the same bytes and so the same dvc.lock. Then `train.seeds=[0,1]` adds the new seed's own
+    train, evaluate and ensemble stages and leaves seed 0's as they are; the report shows rSum mean ± std over two (one
+    new seed shows all of it at half the time of the README's three)."""
     fresh = reproduced.fresh
     second = run(["dvc", "repro"], fresh)
     assert _ran(second.stdout) == _ran(reproduced.stdout)  # nothing came from elsewhere (no shared cache)
@@ -128,11 +134,10 @@ def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stag
 
     run(["git", "add", "dvc.lock"], fresh)
     run(["git", "commit", "-qm", "lock"], fresh)
-    three_seeds = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1,2]"], fresh).stdout
+    two_seeds = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]"], fresh).stdout
     matchers = _matchers(fresh)
-    added = {f"{stage}@{name}-{seed}" for stage in ("train", "evaluate") for name in matchers for seed in (1, 2)}
-    added |= {"ensemble@scan_ensemble-1", "ensemble@scan_ensemble-2"}
-    ran = _ran(three_seeds)
+    added = {f"{stage}@{name}-1" for stage in ("train", "evaluate") for name in matchers} | {"ensemble@scan_ensemble-1"}
+    ran = _ran(two_seeds)
     # Seed 0's trainings and evaluations are not run again. An ensemble stage depends on the whole data/scores folder
     # (its members' files are not known to dvc.yaml), which the new seeds' score files change, so DVC may run seed
     # 0's ensemble again; it then writes the same bytes (below).
@@ -149,7 +154,7 @@ def test_a_fresh_copy_reproduces_the_same_lock_and_a_new_seed_runs_only_its_stag
     assert "rSum over seeds" in report
     for name in [*matchers, "scan_ensemble"]:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
-        assert re.search(r"\d ± \d+\.\d \(3 seeds\)", row), row
+        assert re.search(r"\d ± \d+\.\d \(2 seeds\)", row), row
 
 
 @pytest.mark.slow
