@@ -1,4 +1,5 @@
-"""The `itm` console command. `itm search` ranks the indexed split for a text or an image with a trained matcher.
+"""The `itm` console command. `itm search` ranks the indexed split for a text or an image with a trained matcher;
+`itm experiments` shows one figure of every model across DVC's experiments (itm/experiments.py).
 
     itm search --model models/scan_t2i_avg --text "a red circle to the left of a blue square" --top 5
     itm search --model models/scan_t2i_avg/seed1 --image data/raw/synthetic/images/<file>.jpg --sheet sheet.png
@@ -76,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--dataset", type=Path, help="data/raw/<dataset>; default: the dataset of ./params.yaml")
     search.add_argument("--detector", type=Path, default=Path("models/detector"), help="for images outside the index")
     search.add_argument("--batch-size", type=int, default=128, help="images or captions encoded at once")
+    experiments = commands.add_parser(
+        "experiments",
+        help="one figure of every model across DVC's experiments: a row per model, a column per experiment",
+        description="The figure of every model in reports/comparison.json for the workspace, HEAD and its DVC "
+        "experiments (what `dvc exp show` lists), turned so that models run down and experiments across.",
+    )
+    experiments.add_argument("--figure", default="rsum", help="a column of the comparison: rsum (default), i2t_r1, ...")
+    experiments.add_argument("--protocol", default="test", help="test (default), test_5fold1k or test_5k on COCO")
+    experiments.add_argument(
+        "-n", "--num", type=int, default=1, help="commits back from HEAD, with their experiments (default 1; -1: all)"
+    )
     return parser
 
 
@@ -83,6 +95,18 @@ def _main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "search":
         search(args)
+    elif args.command == "experiments":
+        show_experiments(args)
+
+
+def show_experiments(args: argparse.Namespace) -> None:
+    """`itm experiments`: the turned table of one figure, or one line saying that no row has it."""
+    from itm.experiments import experiment_rows, transposed_table
+
+    table = transposed_table(experiment_rows(args.num), args.protocol, args.figure)
+    if not table:
+        raise UserError(f"itm experiments: no experiment has {args.protocol}.<model>.{args.figure} in its metrics")
+    print(table)
 
 
 def search(args: argparse.Namespace) -> None:

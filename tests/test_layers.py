@@ -34,7 +34,7 @@ from tests.import_graph import ImportGraph
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("stages", "bench", "itm.commands", "itm.profiles"),
     ("itm.compare",),
-    ("itm.report", "itm.figures", "itm.search"),
+    ("itm.report", "itm.figures", "itm.search", "itm.experiments"),
     ("itm.train", "itm.detect"),
     ("itm.evaluate", "itm.pair_attention", "itm.published"),
     ("itm.models",),

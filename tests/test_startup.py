@@ -56,7 +56,9 @@ def test_a_stage_argument_mistake_stops_before_torch(stage: str) -> None:
     assert loaded == []
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["search", "--model", "m"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["search", "--help"], ["search", "--model", "m"], ["experiments", "--help"]]
+)
 def test_the_itm_command_help_and_mistakes_load_neither_torch_nor_mlflow(argv: list[str]) -> None:
     status, output, loaded = run_entry_point("itm.commands", argv)
     assert status == (2 if "--model" in argv else 0)  # the last one gives neither --text nor --image
