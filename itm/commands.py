@@ -1,5 +1,6 @@
 """The `itm` console command. `itm search` ranks the indexed split for a text or an image with a trained matcher;
-`itm experiments` shows one figure of every model across DVC's experiments (itm/experiments.py).
+`itm experiments` shows one figure of every model across DVC's experiments (itm/experiments.py); `itm tracking
+sync` sends to MLflow what runs kept locally while their tracking store did not answer (itm/tracking/runs.py).
 
     itm search --model models/scan_t2i_avg --text "a red circle to the left of a blue square" --top 5
     itm search --model models/scan_t2i_avg/seed1 --image data/raw/synthetic/images/<file>.jpg --sheet sheet.png
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from itm import environment
+from itm.atomic import check_writable
 from itm.config import PARAMS_FILE, load_params
 from itm.errors import UserError
 from itm.search.options import DEFAULT_SHORTLIST, DEFAULT_SHORTLIST_BY, SHORTLIST_BY, Options
@@ -88,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     experiments.add_argument(
         "-n", "--num", type=int, default=1, help="commits back from HEAD, with their experiments (default 1; -1: all)"
     )
+    tracking = commands.add_parser(
+        "tracking", help="the MLflow tracking store", description="What stages could not send to MLflow."
+    )
+    actions = tracking.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    actions.add_parser(
+        "sync",
+        help="send what runs kept locally while their tracking store was away; end runs of killed processes",
+        description="Send to its tracking store what every run kept in data/work/tracking/ while the store did not "
+        "answer (the next stage to start sends it too), and end as KILLED the runs whose process died with the run "
+        "open. Runs still open in a live process are left alone.",
+    )
     return parser
 
 
@@ -97,6 +110,23 @@ def _main(argv: Sequence[str] | None = None) -> None:
         search(args)
     elif args.command == "experiments":
         show_experiments(args)
+    elif args.command == "tracking":
+        sync_tracking()
+
+
+def sync_tracking() -> None:
+    """`itm tracking sync`: a line per run sent or ended; a store that still does not answer is an error line."""
+    from itm.tracking import send_kept
+
+    settled = send_kept()
+    for line in settled.done:
+        print(line)
+    if settled.still_open:
+        print(f"{settled.still_open} runs are open in live processes: left to them")
+    if settled.failed:
+        raise UserError("\n".join(settled.failed))
+    if not settled.done:
+        print("nothing to send: every run reached its tracking store")
 
 
 def show_experiments(args: argparse.Namespace) -> None:
@@ -120,6 +150,8 @@ def search(args: argparse.Namespace) -> None:
     options = Options(top=args.top, shortlist=args.shortlist, shortlist_by=args.shortlist_by)
     if args.image is not None and not args.image.is_file():
         raise UserError(f"{args.image}: image not found")
+    if args.sheet is not None:  # before the search, whose results would be printed before the sheet failed
+        check_writable(files=[args.sheet])
     # The search's modules (torch among them) are imported once the arguments are known to be good.
     from itm.data.splits import DataFolders
     from itm.device import default_device
@@ -159,8 +191,8 @@ def _header(name: str, split: str, result: SearchResult) -> str:
 def _model_dir(argument: str, seed: int | None, scratch: Path) -> Path:
     """The model folder `--model` names: an MLflow URI's files downloaded into `scratch`; a model folder itself
     (models/<matcher>/seed<seed>); for a matcher's folder (models/<matcher>), its `seed<seed>` folder; a folder that
-    does not exist is left for `open_index` to name."""
-    from itm.search.index import is_matcher_folder
+    does not exist is left for `open_index` to name, and another model's folder (the detector's) is refused."""
+    from itm.search.index import is_matcher_folder, refuse_other_model
     from itm.tracking import download_model, is_model_uri
 
     if is_model_uri(argument):
@@ -174,6 +206,7 @@ def _model_dir(argument: str, seed: int | None, scratch: Path) -> Path:
         return model
     if not model.is_dir():
         return model
+    refuse_other_model(model)
     return seed_path(model.parent, model.name, _first_seed() if seed is None else seed)
 
 

@@ -1,6 +1,7 @@
 """The one schema for `params.yaml`: frozen pydantic sections, unknown keys rejected, variants chosen by `kind`.
 
-`load_params` is the only reader of `params.yaml`. A mistake in the file becomes a `UserError` whose message has
+`load_params` reads `params.yaml` through `read_yaml` (profiles too), which refuses what PyYAML would let pass: text
+that is not UTF-8, a key written twice. A mistake in the file becomes a `UserError` whose message has
 one line per problem, each naming the YAML path, the bad value and what is allowed, e.g.
 
     params.yaml: datasets.synthetic.kind: 'synthetc' is not one of 'synthetic', 'flickr30k', 'coco'
@@ -28,6 +29,19 @@ PARAMS_FILE = Path("params.yaml")
 BlockName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_\-]*$")]
 Md5 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# Every seed is handed to numpy and torch, whose common range is 0 <= seed < 2**32 (numpy's legacy seeding); derived
+# seeds (seed * 100_003 + epoch, seed * 1000 + epoch) stay within torch's 64 bits from there.
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+# The largest embedding or word vector: 8x the papers' 1024 (VSE++, SCAN, VSE∞). Far beyond it a typo allocates
+# terabytes (a [vocabulary, word_dim] table, [batch, regions, embed_dim] activations) long after the params loaded.
+MAX_DIM = 8192
+# The largest learning rate, for Adam and for the detector's SGD alike: Adam moves every weight by about the learning
+# rate per step, so above 1 a single step outweighs the unit-scale weights it updates (SGD detectors use 0.02 x
+# batch / 16). Higher rates trained to exit 0 on a collapsed model; the shared defaults are 2e-4 (Adam), 0.02 (SGD).
+MAX_LEARNING_RATE = 1.0
+LearningRate = Annotated[float, Field(gt=0.0, le=MAX_LEARNING_RATE)]
+Positive = Annotated[float, Field(gt=0.0)]
 
 
 class Section(BaseModel):
@@ -60,7 +74,7 @@ class SyntheticDataset(Section):
     """Generated scenes of coloured shapes with grammar captions: the offline default (see itm.data.synthetic)."""
 
     kind: Literal["synthetic"]
-    seed: int = 0
+    seed: Seed = 0
     splits: SplitSizes = SplitSizes(train=3000, val=500, test=1000)
     image_size: int = Field(128, ge=64, le=1024)  # square images, pixels
     captions_per_image: int = Field(5, ge=1, le=20)
@@ -123,8 +137,8 @@ class DetectorArchitecture(Section):
     blocks: tuple[int, int, int, int] = (3, 4, 23, 3)  # bottlenecks in res2..res5 (ResNet-101)
     width: int = Field(64, ge=4)  # res2 planes; stage s has width * 2**(s-2) planes and 4x that many outputs
     rpn_channels: int = Field(512, ge=1)
-    anchor_scales: tuple[float, ...] = Field((4.0, 8.0, 16.0, 32.0), min_length=1)  # x 16 px
-    anchor_ratios: tuple[float, ...] = Field((0.5, 1.0, 2.0), min_length=1)  # height / width
+    anchor_scales: tuple[Positive, ...] = Field((4.0, 8.0, 16.0, 32.0), min_length=1)  # x 16 px
+    anchor_ratios: tuple[Positive, ...] = Field((0.5, 1.0, 2.0), min_length=1)  # height / width
     pool_size: int = Field(14, ge=1)  # RoI max-pool resolution on res4
     class_embedding: int = Field(256, ge=1)
     attribute_hidden: int = Field(512, ge=1)
@@ -143,19 +157,26 @@ class DetectorArchitecture(Section):
     def feature_dim(self) -> int:
         return self.width * 32
 
+    @model_validator(mode="after")
+    def _sizes_in_order(self) -> DetectorArchitecture:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        return self
+
 
 class DetectorTraining(Section):
     """Training the detector from scratch on the synthetic boxes (SGD with warm-up and step decay)."""
 
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(0.02, gt=0.0)
+    learning_rate: LearningRate = 0.02  # at most MAX_LEARNING_RATE
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1.0e-4, ge=0.0)
     warmup_iterations: int = Field(100, ge=0)
-    decay_at: tuple[float, ...] = (0.75,)  # fractions of training after which the learning rate drops 10x
+    # Fractions of training (strictly between 0 and 1) after which the learning rate drops 10x; [] for none.
+    decay_at: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.75,)
     max_images: int | None = Field(None, ge=1)  # train on at most this many train images (None: all)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PretrainedDetector(Section):
@@ -176,7 +197,9 @@ class DetectorParams(Section):
     architectures: dict[BlockName, DetectorArchitecture] = Field(
         default_factory=lambda: {"butd": DetectorArchitecture()}
     )
-    architecture: BlockName = "butd"  # the key of `architectures` to build
+    # The key of `architectures` to build. Required: left out, it would fall back to the ResNet-101 BUTD, hours of
+    # training on a CPU.
+    architecture: BlockName
     train: DetectorTraining = DetectorTraining()
     pretrained: PretrainedDetector = PretrainedDetector()
 
@@ -303,14 +326,14 @@ class MatcherCommon(Section):
     """What every matcher has: a joint embedding space, word embeddings and the hinge triplet loss; or, instead of
     training, published weights to convert (`weights`)."""
 
-    embed_dim: int = Field(1024, ge=1)  # joint space (VSE++, SCAN: 1024)
-    word_dim: int = Field(300, ge=1)  # word embeddings (300)
+    embed_dim: int = Field(1024, ge=1, le=MAX_DIM)  # joint space (VSE++, SCAN: 1024)
+    word_dim: int = Field(300, ge=1, le=MAX_DIM)  # word embeddings (300)
     margin: float = Field(0.2, ge=0.0)  # hinge margin alpha (VSE++, SCAN: 0.2)
     max_violation: bool = True  # hardest negative in the batch (VSE++); false sums over all negatives (VSE0)
     # This matcher's own training recipe where it differs from the shared `train:` block; null: train's value.
     max_epochs: int | None = Field(None, ge=1)  # the epoch cap (training stops earlier on a validation plateau)
     schedule: Literal["step", "cosine"] | None = None  # learning-rate schedule
-    learning_rate: float | None = Field(None, gt=0.0)
+    learning_rate: LearningRate | None = None  # at most MAX_LEARNING_RATE
     decay_epochs: int | None = Field(None, ge=1)  # step schedule: x0.1 every this many epochs
     warmup_epochs: int | None = Field(None, ge=0)  # hinge losses: epochs on all violations before the hardest one
     optimizer: Literal["adam", "adamw"] | None = None
@@ -385,7 +408,7 @@ class NaafParams(MatcherCommon):
     kind: Literal["naaf"]
     max_epochs: int | None = Field(20, ge=1)  # NAAF --num_epochs 20
     schedule: Literal["step", "cosine"] | None = "step"
-    learning_rate: float | None = Field(5.0e-4, gt=0.0)  # NAAF --learning_rate .0005
+    learning_rate: LearningRate | None = 5.0e-4  # NAAF --learning_rate .0005
     decay_epochs: int | None = Field(10, ge=1)  # NAAF README --lr_update 10 (train.py's default: 20)
     warmup_epochs: int | None = Field(0, ge=0)  # NAAF takes the hardest negative from the first step
     bidirectional: bool = True  # NAAF's GRU is bidirectional, directions averaged
@@ -468,7 +491,7 @@ class MvamParams(MatcherCommon):
     kind: Literal["mvam"]
     bidirectional: bool = True  # bi-GRU, directions averaged
     views: int = Field(16, ge=1)  # m: view codes per modality (the paper's visualisation shows 16)
-    view_dim: int | None = Field(None, ge=2)  # size of one view; null: embed_dim // views (same total size for any m)
+    view_dim: int | None = Field(None, ge=2, le=MAX_DIM)  # size of one view; null: embed_dim // views (any m)
     diversity: Literal["full", "off_diagonal"] = "full"  # ||A A^T - I||^2, or its off-diagonal entries only
     diversity_weight: float = Field(0.1, ge=0.0)
     objective: Literal["infonce", "hinge"] = "infonce"  # symmetric InfoNCE (two-stream convention) or VSE++ hinge
@@ -506,7 +529,7 @@ class VseInftyParams(MatcherCommon):
     # training: the region MLP's BatchNorm statistics over every row of the padded batch (VSE∞'s code) or over the
     # real regions only (independent of the batch's padding); evaluation uses the running statistics either way
     batchnorm_rows: Literal["padded", "regions"] = "padded"
-    learning_rate: float | None = Field(5.0e-4, gt=0.0)
+    learning_rate: LearningRate | None = 5.0e-4
     decay_epochs: int | None = Field(15, ge=1)  # lr_update
     warmup_epochs: int | None = Field(1, ge=0)  # vse_mean_warmup_epochs
     optimizer: Literal["adam", "adamw"] | None = "adamw"  # torch.optim.AdamW with its default weight decay
@@ -534,7 +557,7 @@ class TrainParams(Processes):
     # the hardest negative alone (VSE∞'s `vse_mean_warmup_epochs`); 0: the hardest negative from the first step.
     warmup_epochs: int = Field(0, ge=0)
     batch_size: int = Field(128, ge=2)  # global: split evenly over the processes, hardest negatives over all of it
-    learning_rate: float = Field(2.0e-4, gt=0.0)
+    learning_rate: LearningRate = 2.0e-4  # at most MAX_LEARNING_RATE
     optimizer: Literal["adam", "adamw"] = "adam"  # adam (SCAN, VSE++, CVSE) | adamw (decoupled decay; VSE∞)
     weight_decay: float = Field(0.0, ge=0.0)  # adam: an L2 penalty in the gradient; adamw: decoupled decay
     schedule: Literal["step", "cosine"] = "step"  # cosine anneals over max_epochs
@@ -547,7 +570,7 @@ class TrainParams(Processes):
     bucket_batches: int = Field(0, ge=0)
     # Each seed trains (and evaluates) every matcher once, as its own DVC stage (`train@<matcher>-<seed>`); the
     # comparison reports the mean and standard deviation over seeds. The seed fixes initialisation and batch order.
-    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    seeds: tuple[Seed, ...] = Field((0,), min_length=1)
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainParams:
@@ -568,7 +591,7 @@ class BootstrapParams(Section):
 
     resamples: int = Field(1000, ge=100)  # replicates per interval (fewer cannot place the tails of a 95 % interval)
     confidence: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0  # the resampled queries: the same for every model
+    seed: Seed = 0  # the resampled queries: the same for every model
 
 
 class EvaluateParams(Processes):
@@ -597,7 +620,7 @@ class SignificanceParams(Section):
     # The smallest p-value is 2 / (resamples + 1); Holm over m pairs needs resamples >= 2m / alpha - 1 (1,119 for the
     # 28 pairs of 8 models), so 10,000 leaves room for 15 models.
     resamples: int = Field(10000, ge=100)
-    seed: int = 0
+    seed: Seed = 0
     correction: Literal["holm", "bonferroni", "none"] = "holm"  # over all pairs of a protocol
 
 
@@ -607,23 +630,25 @@ class CompareParams(Section):
 
     examples: int = Field(3, ge=1, le=10)  # test pairs per attention figure; queries per retrieval direction
     top: int = Field(5, ge=1, le=10)  # results shown per retrieval example
-    seed: int = 0  # picks the example pairs and queries: the same ones for every matcher
+    seed: Seed = 0  # picks the example pairs and queries: the same ones for every matcher
     significance: SignificanceParams = SignificanceParams()
 
 
 class Params(Section):
-    """The whole of params.yaml."""
+    """The whole of params.yaml. Every section is required: one left out (a bad merge, a deleted block) is an error,
+    not a silent switch to the schema's defaults, which are the papers' full-size settings (the ResNet-101 detector,
+    30 epochs of batch 128)."""
 
     datasets: dict[BlockName, DatasetParams] = Field(min_length=1)
     dataset: BlockName  # the key of `datasets` the pipeline runs on
-    download: DownloadParams = DownloadParams()
-    detector: DetectorParams = DetectorParams()
-    regions: RegionParams = RegionParams()
-    tokenize: TokenizeParams = TokenizeParams()
-    matchers: dict[BlockName, MatcherParams] = Field(default_factory=dict)
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    compare: CompareParams = CompareParams()
+    download: DownloadParams
+    detector: DetectorParams
+    regions: RegionParams
+    tokenize: TokenizeParams
+    matchers: dict[BlockName, MatcherParams]
+    train: TrainParams
+    evaluate: EvaluateParams
+    compare: CompareParams
 
     @model_validator(mode="after")
     def _ensembles_name_matchers(self) -> Params:
@@ -659,16 +684,81 @@ class Params(Section):
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and validate `path`; any problem raises a `UserError` with one line per mistake."""
+    return parse_params(read_yaml(path), source=str(path))
+
+
+def read_yaml(path: Path, what: str = "file") -> Any:
+    """The YAML document of `path` (params.yaml, a profile), as plain data. A file that is missing, unreadable, not
+    UTF-8, not YAML, or that repeats a key in a mapping raises a one-line `UserError` naming `path` (`what` it is).
+
+    Duplicate keys are refused because the two readers of params.yaml disagree on them: PyYAML keeps the last value
+    silently (a stage run directly would use it), DVC refuses the file.
+    """
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
+    try:
+        return _parse_unique_keys(text, path)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
-    return parse_params(raw, source=str(path))
+
+
+def _parse_unique_keys(text: str, path: Path) -> Any:
+    """`yaml.safe_load(text)`, after checking the document's node tree for a key repeated in one mapping."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:  # an empty document
+            return None
+        duplicate = _first_duplicate_key(node, "", set())
+        if duplicate is not None:
+            key, first, again = duplicate
+            raise UserError(
+                f"{path}: line {again.line + 1}: duplicate key {key} (first at line {first.line + 1}); keep one "
+                "(DVC refuses the file)"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _first_duplicate_key(node: yaml.Node, prefix: str, seen: set[int]) -> tuple[str, yaml.Mark, yaml.Mark] | None:
+    """(dotted key, first mark, repeated mark) of the first key, in file order, written twice in one mapping under
+    `node`; `seen` holds the nodes already walked (an alias points back to its anchor, possibly inside itself)."""
+    if id(node) in seen or not isinstance(node, yaml.CollectionNode):
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        items = [(f"{prefix}[{index}]", None, child) for index, child in enumerate(node.value)]
+    else:
+        items = [(_dotted(prefix, key), key, value) for key, value in node.value]
+    marks: dict[str, yaml.Mark] = {}
+    for path, key, child in items:
+        # a scalar key, compared as written; `<<: *base` merges keys that the mapping may then override
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            if key.value in marks:
+                return path, marks[key.value], key.start_mark
+            marks[key.value] = key.start_mark
+        found = _first_duplicate_key(child, path, seen)
+        if found is not None:
+            return found
+    return None
+
+
+def _dotted(prefix: str, key: yaml.Node) -> str:
+    name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+    return f"{prefix}.{name}" if prefix else name
 
 
 def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
@@ -701,7 +791,7 @@ def _describe(detail: Any, root: type[BaseModel]) -> str:
         allowed = list(parent.model_fields) if _is_model(parent) else []
         return f"{path}: unknown key (allowed: {', '.join(allowed)})"
     if kind == "missing":
-        return f"{path}: required key is missing"
+        return f"{path}: required {'section' if _is_section(leaf) else 'key'} is missing"
     if kind == "literal_error":
         return f"{path}: {value!r} is not one of {ctx['expected'].replace(' or ', ', ')}"
     if kind == "union_tag_invalid":
@@ -773,6 +863,11 @@ def _unwrap(annotation: Any) -> Any:
 
 def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _is_section(annotation: Any) -> bool:
+    """A block of keys (a schema or a mapping of named blocks), not a single value."""
+    return _is_model(annotation) or typing.get_origin(annotation) is dict
 
 
 def _variants(annotation: Any) -> dict[str, Any]:

@@ -24,9 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from itm.config import PARAMS_FILE, parse_params
+from itm.config import PARAMS_FILE, parse_params, read_yaml
 from itm.errors import UserError
 from itm.stage_runner import run_stage
 from itm.tracking import flatten
@@ -36,13 +34,9 @@ REPORT = "reports/comparison.md"
 
 
 def read_profile(path: Path) -> dict[str, Any]:
-    """The overrides of the profile at `path` (a mapping shaped like params.yaml)."""
-    try:
-        profile = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: profile not found") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+    """The overrides of the profile at `path` (a mapping shaped like params.yaml), read as params.yaml is (UTF-8,
+    no key written twice)."""
+    profile = read_yaml(path, what="profile")
     if not isinstance(profile, dict) or not profile:
         raise UserError(f"{path}: expected a mapping of params.yaml keys to override")
     return profile
@@ -94,7 +88,9 @@ def experiment_name(profile: Path, now: datetime.datetime | None = None) -> str:
 def run_profile(profile_path: Path, params_path: Path = PARAMS_FILE) -> str:
     """Check the profile against the schema, run it as a temporary DVC experiment and print its comparison table;
     returns the experiment's name."""
-    params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    params = read_yaml(params_path)
+    if not isinstance(params, dict):
+        raise UserError(f"{params_path}: expected a mapping of sections at the top level")
     overrides = expand_matchers(read_profile(profile_path), list(params.get("matchers") or {}))
     parse_params(applied(params, overrides), source=f"{params_path} with {profile_path}")  # its mistakes, named
     name = experiment_name(profile_path)

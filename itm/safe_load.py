@@ -122,11 +122,15 @@ def load_torch(path: Path, stand_ins: StandIns = NAMESPACE_STAND_IN, *, what: st
     except Exception as error:  # an untrusted file can fail in many ways (zip, pickle, refused global)
         message = first_line(error)
         refused = _refused_global(str(error))
+        unpickler = _UNPICKLER_ERROR.search(str(error))
         if refused is not None:
             message = f"refused to load `{refused}`"
+        elif unpickler is not None:  # torch's first line would advise loading it unsafely
+            message = f"refused by the weights-only unpickler: {unpickler.group(1).strip()}"
         raise UserError(f"{path}: not a loadable {what} ({message})") from None
 
 
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: *\n?([^\n]+)")
 _REFUSED = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 

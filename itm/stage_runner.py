@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
+from itm.atomic import disk_fault_message, is_disk_fault
 from itm.config import Processes
 from itm.errors import UserError
 from itm.launch import relaunch_command
@@ -17,19 +18,28 @@ EXIT_USER_ERROR = 2
 
 
 def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's `main`; a `UserError` prints `error: ...` lines on stderr and exits with status 2."""
+    """Run a stage's `main`; a `UserError` prints `error: ...` lines on stderr and exits with status 2, and so does
+    a full disk (or quota, or read-only file system) wherever the stage was writing."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # A terminated stage unwinds like an interrupted one, so temporary outputs are removed on the way out.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         main(argv)
     except UserError as error:
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        _report(str(error))
+    except OSError as error:
+        if not is_disk_fault(error):
+            raise
+        _report(disk_fault_message(error.filename or "a file", error))
     except KeyboardInterrupt:
-        print("error: interrupted; outputs already complete are kept, partial ones were removed", file=sys.stderr)
+        print("error: interrupted; earlier outputs are kept, partial ones were removed", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _report(message: str) -> None:
+    for line in message.splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

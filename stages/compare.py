@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from itm.atomic import check_writable, replaced_together
 from itm.config import PARAMS_FILE, load_params
 from itm.stage_runner import run_stage
 from itm.tracking import start_run
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    check_writable(folders=[args.out])
     # The work's modules (torch among them) are imported once the arguments and params are known to be good.
     from itm.compare import Examples, Inputs, compare
     from itm.evaluate.statistics import Bootstrap, Significance
@@ -35,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = tuple(params.train.seeds)
     logged = {"compare": settings.model_dump(mode="json"), "matchers": matchers, "ensembles": ensembles,
               "dataset": params.dataset, "bootstrap": bootstrap.model_dump(), "seeds": list(seeds)}  # fmt: skip
-    with start_run("compare", params=logged, tags={"itm.dataset": params.dataset}) as tracker:
+    with (
+        replaced_together(args.out),  # written file by file: a failure half-way puts back the earlier report whole
+        start_run("compare", params=logged, tags={"itm.dataset": params.dataset}) as tracker,
+    ):
         compare(
             Inputs(args.metrics, args.models, args.scores, args.regions, args.captions, args.dataset, args.work, seeds),
             matchers,

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.atomic import write_json
+from itm.atomic import check_writable, replaced_together, write_json
 from itm.config import PARAMS_FILE, load_params
 from itm.stage_runner import default_workers, run_stage
 from itm.tracking import start_run
@@ -24,12 +24,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    check_writable(files=[args.metrics], folders=[args.out, args.work, args.cache])  # before the training
     # The work's modules (torch among them) are imported once the arguments and params are known to be good.
     from itm.detect.obtain import convert_published_detector, record_no_detector, train_synthetic_detector
     from itm.device import default_device
 
     settings = params.detector
-    with start_run("detector", params={"detector": settings.model_dump(mode="json")}) as tracker:
+    with (
+        replaced_together(args.out, args.metrics),  # the detector and its metrics: both or neither
+        start_run("detector", params={"detector": settings.model_dump(mode="json")}) as tracker,
+    ):
         if settings.weights == "train":
             card = train_synthetic_detector(
                 args.dataset,
@@ -52,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             card = record_no_detector(args.out)
         tracker.log_dict(card, "card.json")
-    write_json(args.metrics, card.get("validation") or {})
+        write_json(args.metrics, card.get("validation") or {})
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from itm.atomic import check_writable
 from itm.config import PARAMS_FILE, load_params
 from itm.data.sources import materialise, pixel_matchers
 from itm.stage_runner import run_stage
@@ -20,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    check_writable(folders=[args.out, args.cache])  # before a download of many gigabytes
     dataset = params.active_dataset
     logged = {
         "dataset": params.dataset,

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.atomic import write_json
+from itm.atomic import check_writable, write_json
 from itm.config import PARAMS_FILE, load_params
 from itm.errors import UserError
 from itm.evaluate.headline import headline
@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seed = params.train.seeds[0] if args.seed is None else args.seed
     if seed not in params.train.seeds:
         raise UserError(f"--seed {seed} is not one of train.seeds {list(params.train.seeds)}")
+    check_writable(files=[args.metrics])
     # The work's modules (torch among them) are imported once the arguments and params are known to be good.
     from itm.evaluate.ensemble import evaluate_ensemble
     from itm.evaluate.statistics import Bootstrap

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from itm.atomic import write_json
+from itm.atomic import check_writable, replaced_together, write_json
 from itm.config import PARAMS_FILE, load_params
 from itm.evaluate.headline import headline
 from itm.stage_runner import relaunch_under_torchrun, run_stage
@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    check_writable(files=[args.scores, args.metrics], folders=[args.plots, args.work])  # before the scoring
     relaunch_under_torchrun("stages.evaluate", argv, params.evaluate)
     # The work's modules (torch among them) are imported once the arguments and params are known to be good.
     from itm import distributed
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "bootstrap": settings.bootstrap.model_dump(),
     }
     with (
+        replaced_together(args.scores, args.metrics, args.plots),  # the score file, metrics and plots: all or none
         tempfile.TemporaryDirectory(prefix="itm-model-") as scratch,  # an MLflow model's download, while it runs
         distributed.processes(default_device()) as context,
         # rank 0 alone logs to MLflow (the others' tracker records nothing: run id None) and writes the outputs

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from itm.atomic import write_json
+from itm.atomic import check_writable, replaced_together, write_json
 from itm.config import PARAMS_FILE, Params, RegionParams, load_params
 from itm.data.records import DATASET_JSON, has_image_files
 from itm.errors import UserError
@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params(args.params)
     settings = params.regions
+    check_writable(files=[args.metrics], folders=[args.out, args.work])  # before hours of extraction
     if settings.source == "detector" and not has_image_files(args.dataset):
         raise UserError(
             f"{args.dataset}: no images/ to run the detector on (downloaded captions only, for regions.source: "
@@ -49,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from itm.detect.dataset_regions import extract_regions
     from itm.device import default_device
 
-    with distributed.processes(default_device()) as context:
+    # the store and its metrics are replaced together: a failure while writing the metrics puts the earlier store back
+    with replaced_together(args.out, args.metrics), distributed.processes(default_device()) as context:
         if settings.source == "precomp" and not context.is_main:
             return  # the import is one process's work
         run_params = {"regions": settings.model_dump(mode="json")}

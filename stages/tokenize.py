@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from itm.atomic import check_writable
 from itm.config import PARAMS_FILE, load_params
 from itm.data.captions import write_captions
 from itm.data.records import read_dataset_json
@@ -21,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    check_writable(folders=[args.out])
     settings = params.tokenize
     logged = {"tokenize": settings.model_dump(mode="json")}
     with start_run("tokenize", params=logged, tags={"itm.dataset": params.dataset}) as tracker:

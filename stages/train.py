@@ -5,10 +5,12 @@ weights instead."""
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from itm.atomic import check_writable, replaced_together
 from itm.config import PARAMS_FILE, DownloadParams, MatcherParams, load_params
 from itm.errors import UserError
 from itm.stage_runner import default_workers, relaunch_under_torchrun, run_stage
@@ -38,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seed = params.train.seeds[0] if args.seed is None else args.seed
     if seed not in params.train.seeds:
         raise UserError(f"--seed {seed} is not one of train.seeds {list(params.train.seeds)}")
+    check_writable(folders=[args.out, args.work])  # before the epochs, not after them
     # The work's modules (torch among them) are imported once the arguments and params are known to be good.
     from itm import distributed
     from itm.data.splits import DataFolders
@@ -54,10 +57,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     relaunch_under_torchrun("stages.train", argv, params.train)
     tags = {"itm.matcher": args.matcher, "itm.dataset": params.dataset, "itm.seed": str(seed)}
     with (
+        replaced_together(args.out),  # a failure after the model is written (its run record) puts the earlier back
         distributed.processes(default_device()) as context,
-        # rank 0 alone logs to MLflow and writes the model; every process trains
-        start_run_on_main(context.is_main, f"train@{args.matcher}-{seed}", params=logged, tags=tags) as tracker,
     ):
+        # rank 0 alone logs to MLflow and writes the model; every process trains. The run opens once the training
+        # run is known, so that a resumed training continues the run its checkpoint logged to.
+        stage = f"train@{args.matcher}-{seed}"
+        open_run = functools.partial(start_run_on_main, context.is_main, stage, params=logged, tags=tags)
         train_matcher(
             args.matcher,
             matcher,
@@ -66,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             data=data,
             out_dir=args.out,
             work_dir=args.work,
-            tracker=tracker,
+            open_run=open_run,
             device=context.device,
             workers=args.workers,
             context=context,
@@ -94,7 +100,7 @@ def convert(
 
     logged = matcher_params(args.matcher, matcher) | {"dataset": dataset}
     tags = {"itm.matcher": args.matcher, "itm.dataset": dataset, "itm.weights": "published"}
-    with start_run(f"train@{args.matcher}-{seed}", params=logged, tags=tags) as tracker:
+    with replaced_together(args.out), start_run(f"train@{args.matcher}-{seed}", params=logged, tags=tags) as tracker:
         import_published(
             args.matcher, matcher, data=data, out_dir=args.out, work_dir=args.work, download=download,
             tracker=tracker, device=default_device(),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from itm.data import download
-from itm.data.download import fetch
+from itm.data.download import cache_path, fetch
 from itm.errors import UserError
 from tests.http_server import (  # noqa: F401 - http_server_fixture provides the `http_server` fixture
     drop_after,
@@ -40,13 +40,22 @@ def _fetch(url: str, cache: Path, **options) -> Path:
 
 
 def _leftovers(cache: Path) -> list[str]:
-    return sorted(path.name for path in cache.iterdir()) if cache.exists() else []
+    """The names of the files in the cache, in any of its folders; an empty folder is named too."""
+    found = cache.rglob("*") if cache.exists() else []
+    return sorted(path.name for path in found if path.is_file() or not any(path.iterdir()))
+
+
+def _in_cache(url: str, cache: Path, name: str) -> Path:
+    """The file `name` in the cache folder of `url`, its folder created."""
+    folder = cache_path(url, cache).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
 
 
 def test_clean_download_is_verified_and_named_after_the_url(http_server, tmp_path):
     url = http_server.add("/files/data.bin", DATA)
     path = _fetch(url, tmp_path / "cache", sha256=SHA256)
-    assert path == tmp_path / "cache" / "data.bin"
+    assert path == cache_path(url, tmp_path / "cache") and path.name == "data.bin"
     assert path.read_bytes() == DATA
     assert http_server.ranges("/files/data.bin") == [None]
     assert _leftovers(tmp_path / "cache") == ["data.bin"]
@@ -77,7 +86,7 @@ def test_server_ignoring_range_restarts_from_zero(http_server, tmp_path):
 
 def test_partial_file_already_complete_gets_416_and_is_accepted(http_server, tmp_path):
     url = http_server.add("/data.bin", DATA)
-    (tmp_path / "data.bin.part").write_bytes(DATA)
+    _in_cache(url, tmp_path, "data.bin.part").write_bytes(DATA)
     path = _fetch(url, tmp_path)
     assert http_server.ranges("/data.bin") == [f"bytes={len(DATA)}-"]
     assert path.read_bytes() == DATA
@@ -85,7 +94,7 @@ def test_partial_file_already_complete_gets_416_and_is_accepted(http_server, tmp
 
 def test_partial_file_longer_than_the_remote_restarts(http_server, tmp_path):
     url = http_server.add("/data.bin", DATA)
-    (tmp_path / "data.bin.part").write_bytes(DATA + b"junk")
+    _in_cache(url, tmp_path, "data.bin.part").write_bytes(DATA + b"junk")
     path = _fetch(url, tmp_path)
     assert http_server.ranges("/data.bin") == [f"bytes={len(DATA) + 4}-", None]
     assert path.read_bytes() == DATA
@@ -171,14 +180,14 @@ def test_connection_refused_is_retried_then_reported(tmp_path, sleeps):
 
 def test_verified_cached_file_is_reused_without_a_request(http_server, tmp_path):
     url = http_server.add("/data.bin", DATA)
-    (tmp_path / "data.bin").write_bytes(DATA)
+    _in_cache(url, tmp_path, "data.bin").write_bytes(DATA)
     assert _fetch(url, tmp_path).read_bytes() == DATA
     assert http_server.requests == []
 
 
 def test_cached_file_that_no_longer_verifies_is_downloaded_again(http_server, tmp_path):
     url = http_server.add("/data.bin", DATA)
-    (tmp_path / "data.bin").write_bytes(b"x" * len(DATA))
+    _in_cache(url, tmp_path, "data.bin").write_bytes(b"x" * len(DATA))
     assert _fetch(url, tmp_path).read_bytes() == DATA
     assert http_server.ranges("/data.bin") == [None]
 

@@ -135,7 +135,8 @@ def test_failed_run_keeps_the_previous_output(http_server, tmp_path):
     out_dir = _prepare("flickr30k", _serve_flickr(http_server), tmp_path)
     before = (out_dir / DATASET_JSON).read_bytes()
     broken = _serve_flickr(http_server, images=[*FLICKR_IMAGES, _image(6, "9999.jpg", "test")])
-    (tmp_path / "cache" / "caption_datasets.zip").unlink()  # serve the new split file, not the cached one
+    for cached in (tmp_path / "cache").glob("*/caption_datasets.zip"):  # serve the new split file, not the cached one
+        cached.unlink()
     with pytest.raises(UserError, match="missing"):
         _prepare("flickr30k", broken, tmp_path)
     assert (out_dir / DATASET_JSON).read_bytes() == before
@@ -193,7 +194,7 @@ def test_coco_is_prepared_with_restval_in_train_and_five_captions(http_server, t
     for record in records:
         assert (out_dir / IMAGES_DIR / record.filename).read_bytes() == _jpeg(record.source_id)
     assert http_server.ranges("/zips/val2014.zip") == [None, "bytes=200-"]
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["train2014.zip", "val2014.zip"]
+    assert sorted(path.name for path in (tmp_path / "cache").glob("*/*")) == ["train2014.zip", "val2014.zip"]
 
 
 def test_second_run_reuses_the_cache(http_server, tmp_path):

@@ -2,18 +2,23 @@
 
 Datasets are large (COCO's train2014.zip is 13.5 GB) and their hosts are unreliable, so a fetch resumes a
 partial download, retries transient failures with back-off, and verifies size and checksums before a file
-takes its final name in the cache: a file at the final name is always complete and verified, so a later run
-reuses it without a request. Archives come from third parties, so `extract` refuses any archive with an entry
-that could write outside the target folder (absolute paths, `..`, links, devices) before writing anything.
+takes its final name in the cache. The cache is keyed by the source (`<cache>/<digest of the URL>/<file name>`),
+so a file at its final name is the complete download of that very URL and a later run reuses it without a request;
+it is called verified only when a checksum was given and matched. A full disk is not retried: it is one
+`UserError`, and the partial download is kept to resume from. Archives come from third parties, so `extract`
+refuses any archive with an entry that could write outside the target folder (absolute paths, `..`, links,
+devices) before writing anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
 import logging
 import lzma
+import os
 import re
 import shutil
 import stat
@@ -30,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from itm.atomic import is_disk_fault
 from itm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -79,25 +85,43 @@ def fetch(
     timeout_seconds: float = 60.0,
     progress: bool = True,
 ) -> Path:
-    """Return a verified local copy of `source` (an http(s) URL, a `file://` URL or a local path).
+    """Return a local copy of `source` (an http(s) URL, a `file://` URL or a local path), verified by the size and
+    checksums given (without a checksum, it is not verified by content).
 
-    A URL is downloaded to `cache_dir/<filename>`, resuming an earlier partial download and retrying transient
-    failures `retries` times; a verified file already in the cache is reused without a request. A local file is
-    verified and returned as is. Any failure the user must fix (missing file, HTTP 4xx, checksum mismatch after
-    all retries) raises `UserError`.
+    A URL is downloaded to `cache_path(source, cache_dir)`, resuming an earlier partial download and retrying
+    transient failures `retries` times; a complete download of the same URL already in the cache is reused without
+    a request (after checking the size and checksums given now). A local file is verified and returned as is. Any
+    failure the user must fix (missing file, HTTP 4xx, checksum mismatch after all retries, a full disk) raises
+    `UserError`.
     """
     expected = _Expected(size=size, md5=md5.lower() if md5 else None, sha256=sha256.lower() if sha256 else None)
     if not expected.has_checksum:
         log.warning("%s: no md5 or sha256 given, so the file is not verified by checksum", source)
     if not _is_http(source):
         return _fetch_local(_local_path(source), expected)
-    final = Path(cache_dir) / _cache_name(source)
-    if _reusable(final, expected):
-        log.info("%s: using the verified copy at %s", source, final)
+    final = cache_path(source, cache_dir)
+    if _reusable(final, expected) or _adopt_unkeyed(Path(cache_dir), final, expected):
+        if expected.has_checksum:
+            log.info("%s: using the verified copy at %s", source, final)
+        else:
+            log.info("%s: using the copy downloaded earlier from this URL at %s (not verified: no checksum)", source,
+                     final)  # fmt: skip
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    _download(source, final, expected, retries, backoff_seconds, timeout_seconds, progress)
+    try:
+        _download(source, final, expected, retries, backoff_seconds, timeout_seconds, progress)
+    except BaseException:
+        with contextlib.suppress(OSError):  # this URL's folder, unless it keeps a partial download to resume
+            final.parent.rmdir()
+        raise
     return final
+
+
+def cache_path(source: str, cache_dir: Path) -> Path:
+    """Where the download of the URL `source` is kept: `cache_dir/<16 hex digits of its sha256>/<file name>`. The
+    folder keys the cache by the whole URL, so two URLs ending in the same file name never share a copy."""
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return Path(cache_dir) / key / _cache_name(source)
 
 
 def _is_http(source: str) -> bool:
@@ -125,6 +149,19 @@ def _cache_name(url: str) -> str:
     segment = urllib.parse.unquote(urllib.parse.urlsplit(url).path).rsplit("/", 1)[-1]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", segment).lstrip(".")
     return name or "download"
+
+
+def _adopt_unkeyed(cache_dir: Path, final: Path, expected: _Expected) -> bool:
+    """Move a download the cache kept by file name alone (`cache_dir/<file name>`, its layout before it was keyed
+    by URL) to `final`, when a checksum given now proves that it is the wanted file: a large download survives the
+    change of layout. Without a checksum it could be any URL's file of that name, so it is left alone."""
+    unkeyed = cache_dir / final.name
+    if not expected.has_checksum or not unkeyed.is_file() or _verify(unkeyed, expected) is not None:
+        return False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    unkeyed.replace(final)
+    log.info("%s: verified, moved to %s", unkeyed, final)
+    return True
 
 
 def _reusable(final: Path, expected: _Expected) -> bool:
@@ -183,7 +220,8 @@ def _discard_if_empty(part: Path) -> None:
 def _attempt(url: str, part: Path, expected: _Expected, timeout: float, progress: bool) -> int | None:
     """One request that appends to `part` until the server's body ends; returns the file's total size if known.
 
-    Transient problems raise `_AttemptError`; client errors (4xx other than 408/429) raise `UserError`.
+    Transient problems raise `_AttemptError`; client errors (4xx other than 408/429) and a full disk raise
+    `UserError`.
     """
     offset = part.stat().st_size if part.is_file() else 0
     try:
@@ -200,7 +238,15 @@ def _attempt(url: str, part: Path, expected: _Expected, timeout: float, progress
             return _receive(url, response, part, offset, expected, progress)
     except urllib.error.HTTPError as error:
         raise _AttemptError(f"HTTP {error.code} {error.reason}") from None
-    except (OSError, http.client.HTTPException) as error:
+    except OSError as error:
+        if is_disk_fault(error):  # writing `part`: waiting cannot make room
+            reason = error.strerror or os.strerror(error.errno or 0)
+            raise UserError(
+                f"{part}: {reason} while downloading {url}; make room on its disk and run again: the partial "
+                "download is kept and resumes"
+            ) from None
+        raise _AttemptError(_describe_network_error(error)) from None
+    except http.client.HTTPException as error:
         raise _AttemptError(_describe_network_error(error)) from None
 
 

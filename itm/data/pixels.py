@@ -4,6 +4,8 @@
 `info`), so the loaders, the training loop and the evaluator serve both: an image is read from
 `data/raw/<dataset>/images/`, its shorter side resized to the spec's size (bicubic), centre-cropped to a square,
 scaled to [0, 1] and normalised per channel (open_clip's `image_transform` for evaluation, without augmentation).
+An image whose longer side exceeds `MAX_ASPECT` times its shorter one is first cut to its centre (`central_part`), so
+a strip is not scaled up to millions of pixels before the crop.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from PIL import Image
 from itm.data.batches import Images, Pixels, PixelSpec
 from itm.data.records import read_dataset_json
 from itm.errors import UserError
+
+# Longer side over shorter side beyond which an image is first cut to its centre. Only the central square survives the
+# centre crop, and resizing the shorter side of a 1x3000 strip to 224 px would make it 224 x 672,000 pixels (600 MB).
+MAX_ASPECT = 8
 
 
 class ImageStore(Protocol):
@@ -69,10 +75,24 @@ class PixelStore:
         """[3, size, size] float32 normalised pixels of any image file, prepared as the dataset's images are."""
         try:
             with Image.open(path) as image:
-                return self._prepare(image.convert("RGB")).numpy()
+                return self._prepare(central_part(image).convert("RGB")).numpy()
         except (OSError, ValueError) as error:
             raise UserError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
 
     @staticmethod
     def collate(arrays: Sequence[np.ndarray]) -> Pixels:
         return Pixels(torch.from_numpy(np.stack(arrays)))
+
+
+def central_part(image: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
+    """`image` itself, or, when its longer side exceeds `max_aspect` times the shorter, its centre cut to that
+    aspect. The central square the centre crop keeps lies well inside the cut, so what the matcher sees moves by a
+    rounding of the resized size only (under a pixel), and images within the aspect are not touched."""
+    width, height = image.size
+    shorter, longer = min(width, height), max(width, height)
+    if longer <= max_aspect * shorter:
+        return image
+    kept = max_aspect * shorter
+    start = (longer - kept) // 2
+    box = (start, 0, start + kept, height) if width > height else (0, start, width, start + kept)
+    return image.crop(box)

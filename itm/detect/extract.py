@@ -2,12 +2,14 @@
 
 Each split's images are cut into shards of `shard_size` consecutive images (in dataset order). A finished shard is a
 file in the work folder (`shard-00000.npz`, ...), written atomically, so an interrupted run redoes at most one shard
-per process. When every shard exists they are merged into the region store (`itm.data.regions`). Images that cannot
-be decoded are recorded as failures and skipped; the run still completes.
+per process. A shard also records a fingerprint of the image files it read (their sha256): a resumed run extracts it
+again when a file has changed since, e.g. a broken image fixed after a failed run, and reuses it otherwise. When every
+shard exists they are merged into the region store (`itm.data.regions`). Images that cannot be decoded are recorded
+as failures and skipped; the run still completes.
 
 Under torchrun (`itm.distributed`) the ranks share the work: at the start of a split rank 0 lists the shards that
-have no file yet and every rank takes a contiguous range of that list (`shard_range`), so a resumed run divides the
-work that is left evenly, whoever wrote the finished shards. Each rank writes only its own shard files, on its own
+have no current file and every rank takes a contiguous range of that list (`shard_range`), so a resumed run divides
+the work that is left evenly, whoever wrote the finished shards. Each rank writes only its own shard files, on its own
 device (`Context.device`); the work folder must be one that every rank sees (a shared filesystem across nodes). Once
 every rank is done, rank 0 alone merges the shards in dataset order, writes the store and removes the work folder;
 the store is byte for byte the one a single process writes, as every shard holds the same images in the same
@@ -19,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,10 +33,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from itm.atomic import staged_dir, staged_file
+from itm.atomic import remove_when_published, staged_dir, staged_file
 from itm.data.records import IMAGES_DIR, SPLITS, ImageRecord
 from itm.data.regions import Failure, ImageRegions, StoreWriter
-from itm.detect.images import UnreadableImageError, load_bgr
+from itm.detect.images import UnreadableImageError, decode_bgr, read_image_file
 from itm.detect.model import BottomUpDetector
 from itm.detect.selection import region_labels, select_regions
 from itm.device import autocast
@@ -70,8 +71,12 @@ class Extraction:
 # --- decoding ------------------------------------------------------------------------------------------------------
 
 
+# The digest of an image file that could not be read at all (absent, a folder, no permission).
+_UNREADABLE_FILE = ""
+
+
 class _ImageFiles(Dataset):
-    """(record, image or the reason it could not be read) for a list of records."""
+    """(record, image or the reason it could not be read, the digest of the bytes read) for a list of records."""
 
     def __init__(self, records: Sequence[ImageRecord], images_dir: Path) -> None:
         self.records, self.images_dir = records, images_dir
@@ -79,12 +84,31 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[ImageRecord, torch.Tensor | str]:
+    def __getitem__(self, index: int) -> tuple[ImageRecord, torch.Tensor | str, str]:
         record = self.records[index]
+        path = self.images_dir / record.filename
         try:
-            return record, load_bgr(self.images_dir / record.filename)
+            data = read_image_file(path)
         except UnreadableImageError as error:
-            return record, str(error)
+            return record, str(error), _UNREADABLE_FILE
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            return record, decode_bgr(data, path), digest
+        except UnreadableImageError as error:
+            return record, str(error), digest
+
+
+def _file_digest(path: Path) -> str:
+    """The digest `_ImageFiles` records for the image file at `path` as it is now."""
+    try:
+        return hashlib.sha256(read_image_file(path)).hexdigest()
+    except UnreadableImageError:
+        return _UNREADABLE_FILE
+
+
+def inputs_fingerprint(filenames: Sequence[str], digests: Sequence[str]) -> str:
+    """What a shard read: each image's file name with the sha256 of its bytes, in shard order."""
+    return hashlib.sha256(json.dumps(list(zip(filenames, digests, strict=True))).encode()).hexdigest()
 
 
 def _as_list(batch: list) -> list:
@@ -158,7 +182,9 @@ def _shard_path(folder: Path, index: int) -> Path:
     return folder / f"shard-{index:05d}.npz"
 
 
-def _save_shard(path: Path, regions: list[ImageRegions], failures: list[Failure], feature_dim: int) -> None:
+def _save_shard(
+    path: Path, regions: list[ImageRegions], failures: list[Failure], feature_dim: int, inputs: str
+) -> None:
     def cat(name: str, dtype: Any, width: int | None = None) -> np.ndarray:
         parts = [getattr(r, name) for r in regions]
         empty = np.zeros((0, width) if width else (0,), dtype=dtype)
@@ -176,6 +202,7 @@ def _save_shard(path: Path, regions: list[ImageRegions], failures: list[Failure]
         "attribute_ids": cat("attribute_ids", np.int16),
         "attribute_confidence": cat("attribute_confidence", np.float32),
         "failure_json": np.array(json.dumps([vars(f) for f in failures])),
+        "inputs_sha256": np.array(inputs),
     }
     with staged_file(path) as tmp, tmp.open("wb") as stream:
         np.savez(stream, **arrays)
@@ -209,10 +236,40 @@ def _shard_records(records: Sequence[ImageRecord], shard_size: int, index: int) 
     return records[index * shard_size : (index + 1) * shard_size]
 
 
-def _missing_shards(work_dir: Path, n_shards: int, context: Context) -> list[int]:
-    """Indices of the shards without a file, as rank 0 sees them: every rank then divides the same list."""
-    missing = [i for i in range(n_shards) if not _shard_path(work_dir, i).is_file()] if context.is_main else None
-    return broadcast_object(missing, context)  # type: ignore[return-value]
+def _recorded_inputs(path: Path) -> str | None:
+    """The inputs fingerprint a shard file recorded; None for a shard written before shards recorded one."""
+    with np.load(path) as shard:
+        return str(shard["inputs_sha256"]) if "inputs_sha256" in shard.files else None
+
+
+def _is_current(path: Path, shard: Sequence[ImageRecord], images_dir: Path) -> bool:
+    """Whether a finished shard file read the image files as they are now (it is reused only then)."""
+    if not path.is_file():
+        return False
+    digests = [_file_digest(images_dir / record.filename) for record in shard]
+    if _recorded_inputs(path) == inputs_fingerprint([record.filename for record in shard], digests):
+        return True
+    log.info("%s: its images changed since it was extracted; extracting it again", path)
+    return False
+
+
+def _shards_to_extract(
+    work_dir: Path, records: Sequence[ImageRecord], shard_size: int, images_dir: Path, context: Context
+) -> list[int]:
+    """Indices of the shards without a current file (none, or one that read images that have changed since), as
+    rank 0 sees them: every rank then divides the same list."""
+    todo = None
+    if context.is_main:
+        indices = range(_shard_count(len(records), shard_size))
+        finished = sum(_shard_path(work_dir, i).is_file() for i in indices)
+        if finished:
+            log.info("%s: checking that the images of %d finished shards are unchanged", work_dir, finished)
+        todo = [
+            i
+            for i in indices
+            if not _is_current(_shard_path(work_dir, i), _shard_records(records, shard_size, i), images_dir)
+        ]
+    return broadcast_object(todo, context)  # type: ignore[return-value]
 
 
 def _extract_shard(
@@ -222,8 +279,9 @@ def _extract_shard(
     settings: Extraction,
     device: torch.device,
     bar: tqdm,
-) -> tuple[list[ImageRegions], list[Failure]]:
-    """Regions of the readable images of one shard, and the images that could not be read."""
+) -> tuple[list[ImageRegions], list[Failure], str]:
+    """Regions of the readable images of one shard, the images that could not be read, and the fingerprint of the
+    bytes it read (`inputs_fingerprint`)."""
     loader = DataLoader(
         _ImageFiles(shard, images_dir),
         batch_size=settings.batch_size,
@@ -232,15 +290,17 @@ def _extract_shard(
     )
     regions: list[ImageRegions] = []
     failures: list[Failure] = []
+    digests: list[str] = []
     for batch in loader:
-        readable = [(record, image) for record, image in batch if not isinstance(image, str)]
-        failures += [Failure(r.imgid, r.filename, image) for r, image in batch if isinstance(image, str)]
+        readable = [(record, image) for record, image, _ in batch if not isinstance(image, str)]
+        failures += [Failure(r.imgid, r.filename, image) for r, image, _ in batch if isinstance(image, str)]
+        digests += [digest for _, _, digest in batch]
         if readable:
             images = [image.to(device) for _, image in readable]
             ids = [r.imgid for r, _ in readable]
             regions += regions_of_batch(model, images, ids, settings.selection, settings.precision)
         bar.update(len(batch))
-    return regions, failures
+    return regions, failures, inputs_fingerprint([record.filename for record in shard], digests)
 
 
 def _throughput(processed: int, elapsed: float, label: str, context: Context) -> dict[str, float]:
@@ -270,7 +330,7 @@ def extract_split(
     of this run over all ranks. Every rank must call it (it synchronises them)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     feature_dim = model.roi_heads.box_head.out_channels
-    missing = _missing_shards(work_dir, _shard_count(len(records), settings.shard_size), context)
+    missing = _shards_to_extract(work_dir, records, settings.shard_size, images_dir, context)
     done_images = len(records) - sum(len(_shard_records(records, settings.shard_size, i)) for i in missing)
     if done_images and context.is_main:
         log.info("%s: %d images already extracted, resuming", label, done_images)
@@ -280,8 +340,8 @@ def extract_split(
     bar = tqdm(total=sum(map(len, shards.values())), desc=desc, unit="img", mininterval=5, disable=not context.is_main)
     processed, started = 0, time.perf_counter()
     for index, shard in shards.items():
-        regions, failures = _extract_shard(model, shard, images_dir, settings, context.device, bar)
-        _save_shard(_shard_path(work_dir, index), regions, failures, feature_dim)
+        regions, failures, inputs = _extract_shard(model, shard, images_dir, settings, context.device, bar)
+        _save_shard(_shard_path(work_dir, index), regions, failures, feature_dim, inputs)
         processed += len(shard)
     bar.close()
     return _throughput(processed, time.perf_counter() - started, label, context)
@@ -308,7 +368,8 @@ def merge_shards(work_dir: Path, folder: Path, n_records: int, shard_size: int, 
 
 
 def work_fingerprint(**settings: Any) -> str:
-    """Names the work folder: shards are reused only by a run with the same detector, data and settings."""
+    """Names the work folder: shards are reused only by a run with the same detector, data and settings (and each
+    shard only while the image files it read are unchanged: `inputs_fingerprint`)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -371,5 +432,5 @@ def extract_dataset(
     if context.is_main:
         feature_dim = model.roi_heads.box_head.out_channels
         summary |= _merge_splits(by_split, work_dir, out_dir, settings, feature_dim, info)
-        shutil.rmtree(work_dir)
+        remove_when_published(work_dir)  # kept while the stage may still fail and put the earlier store back
     return summary

@@ -19,11 +19,13 @@ Known differences from the Caffe extractor, all inherited from torchvision's RPN
 width = x2 - x1 (Caffe adds one pixel); proposals are filtered at a minimum size of 1e-3 px after the top-k (Caffe
 drops boxes under 16 px at the input scale before it); images are resized with bilinear interpolation on the
 mean-subtracted tensor and zero-padded to a multiple of 32 when batched. They can move proposals at the margin,
-which changes which regions are selected, never how they are pooled.
+which changes which regions are selected, never how they are pooled. Unlike torchvision's, the resize keeps at least
+one pixel on each side (`network_input_size`), so a strip such as 2000x4 is read instead of stopping the run.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -36,7 +38,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import RoIPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -207,6 +209,34 @@ class RPNHead(nn.Module):
         return [self.cls_logits(h) for h in hidden], [self.bbox_pred(h) for h in hidden]
 
 
+# --- input ----------------------------------------------------------------------------------------------------------
+
+
+def network_input_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(height, width) an image is resized to: the shorter side to `min_size` unless the longer then exceeds
+    `max_size`, floored as torchvision floors it, but never below one pixel.
+
+    torchvision rounds a side to zero for an extreme aspect ratio (2000x4 with a 96-px cap: 96x0.19) and its
+    interpolation then raises; one pixel keeps the image usable, and the boxes go back with per-axis scales.
+    """
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
+class BottomUpTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform (mean subtraction, resize, padding into a batch) with a resize that never
+    makes a side zero pixels; every other image is resized exactly as before (the same bilinear call and size)."""
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict | None]:
+        height, width = image.shape[-2:]
+        min_size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        size = network_input_size(int(height), int(width), min_size, self.max_size)
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], [height, width], list(size))
+        return image, target
+
+
 # --- heads ----------------------------------------------------------------------------------------------------------
 
 
@@ -374,7 +404,7 @@ def build_detector(
         nms_thresh=0.3,
         detections_per_img=100,
     )
-    transform = GeneralizedRCNNTransform(
+    transform = BottomUpTransform(
         min_size=a.min_size, max_size=a.max_size, image_mean=list(PIXEL_MEANS_BGR), image_std=[1.0, 1.0, 1.0]
     )
     return BottomUpDetector(trunk, rpn, roi_heads, transform)

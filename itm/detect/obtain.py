@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from itm.atomic import staged_dir
+from itm.atomic import remove_when_published, staged_dir
 from itm.config import DetectorArchitecture, DetectorTraining, DownloadParams, PretrainedDetector, RemoteFile
 from itm.data.download import fetch
 from itm.data.records import DATASET_JSON, file_md5
@@ -68,7 +68,7 @@ def train_synthetic_detector(
             source={"kind": "trained", "dataset": str(dataset_dir), "train_images": len(train_items)},
             validation=validation.as_metrics(),
         )
-    (work_dir / "checkpoint.pt").unlink(missing_ok=True)
+    remove_when_published(work_dir / "checkpoint.pt")
     return card
 
 

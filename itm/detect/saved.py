@@ -19,6 +19,7 @@ from itm.atomic import sha256_of, staged_file, write_json
 from itm.config import DetectorArchitecture
 from itm.detect.model import BottomUpDetector, build_detector
 from itm.errors import UserError
+from itm.safe_load import first_line, load_torch
 
 MODEL_FILE = "model.pt"
 CARD_FILE = "card.json"
@@ -36,8 +37,8 @@ def save_detector(
 ) -> dict[str, Any]:
     """Write `model.pt` and `card.json` into `folder`; returns the card."""
     folder.mkdir(parents=True, exist_ok=True)
-    with staged_file(folder / MODEL_FILE) as tmp:
-        torch.save(model.state_dict(), tmp)
+    with staged_file(folder / MODEL_FILE) as tmp, tmp.open("wb") as stream:  # a full disk is then an OSError
+        torch.save(model.state_dict(), stream)
     predictor = model.roi_heads.box_predictor
     card = {
         "architecture": architecture.model_dump(mode="json"),
@@ -59,11 +60,20 @@ def write_card(folder: Path, card: dict[str, Any]) -> None:
     write_json(folder / CARD_FILE, card)
 
 
+_AGAIN = "run the detector stage again, or restore it with `dvc checkout`"
+
+
 def read_card(folder: Path) -> dict[str, Any]:
     path = folder / CARD_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found (run the detector stage first)")
-    return json.loads(path.read_text())
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path}: not readable JSON ({first_line(error)}); {_AGAIN}") from None
+    if not isinstance(card, dict):
+        raise UserError(f"{path}: not a detector's card; {_AGAIN}")
+    return card
 
 
 def load_detector(folder: Path, device: torch.device) -> tuple[BottomUpDetector, dict[str, Any]]:
@@ -71,10 +81,19 @@ def load_detector(folder: Path, device: torch.device) -> tuple[BottomUpDetector,
     card = read_card(folder)
     if card.get("source", {}).get("kind") == "none":
         raise UserError(f"{folder}: no detector was built (detector.weights is 'none'); regions need one")
+    missing = [key for key in ("sha256", "architecture", "num_classes", "num_attributes") if key not in card]
+    if missing:
+        lacks = ", ".join(missing)
+        raise UserError(f"{folder}: not a detector's folder (its card lacks {lacks}); pass models/detector")
     weights = folder / MODEL_FILE
     if not weights.is_file() or sha256_of(weights) != card["sha256"]:
-        raise UserError(f"{weights}: missing or not the file its card describes (sha256 {card['sha256']})")
+        raise UserError(f"{weights}: missing or not the file its card describes (sha256 {card['sha256']}); {_AGAIN}")
     architecture = DetectorArchitecture.model_validate(card["architecture"])
     model = build_detector(architecture, card["num_classes"], card["num_attributes"])
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    state = load_torch(weights, what="detector")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise UserError(f"{weights}: its weights do not fit the detector its card describes ({first_line(error)}); "
+                        f"{_AGAIN}") from None  # fmt: skip
     return model.to(device).eval(), card

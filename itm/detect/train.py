@@ -27,6 +27,7 @@ from itm.config import DetectorArchitecture, DetectorTraining
 from itm.detect.data import Annotated, DetectionDataset, Vocabularies, collate
 from itm.detect.metrics import Detections, GroundTruth, attribute_accuracy, mean_ap
 from itm.detect.model import BottomUpDetector, build_detector, freeze_batch_norm
+from itm.errors import UserError
 from itm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -123,13 +124,16 @@ def _train_one_epoch(
     sums: dict[str, float] = defaultdict(float)
     seen, started = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"detector epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5)
-    for images, targets in bar:
+    for iteration, (images, targets) in enumerate(bar):
         images = [image.to(device) for image in images]
         targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
         losses = model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"detector loss became {loss.item()} in epoch {epoch + 1}: {_scalars(losses)}")
+        if not torch.isfinite(loss):  # a setting to change, not a bug: one line, as the matchers' loop says it
+            raise UserError(
+                f"detector: the loss became {loss.item()} in epoch {epoch + 1}, batch {iteration + 1} "
+                f"({_scalars(losses)}); lower detector.train.learning_rate or raise detector.train.warmup_iterations"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -147,7 +151,9 @@ def _train_one_epoch(
 
 
 def _scalars(values: Mapping[str, float | Tensor]) -> str:
-    return ", ".join(f"{key}={float(value):.4g}" for key, value in values.items())
+    return ", ".join(
+        f"{key}={float(value.detach() if torch.is_tensor(value) else value):.4g}" for key, value in values.items()
+    )
 
 
 def _save_checkpoint(

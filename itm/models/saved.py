@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from itm.atomic import staged_file, write_json
 from itm.config import MatcherParams
@@ -23,6 +23,7 @@ from itm.data.vocab import Vocab
 from itm.errors import UserError
 from itm.models.base import Matcher
 from itm.models.registry import MatcherInputs, build_matcher
+from itm.safe_load import first_line, load_torch
 
 MODEL_FILE = "model.pt"
 CARD_FILE = "card.json"
@@ -48,8 +49,9 @@ def save_matcher(
             "cooccurrence": torch.from_numpy(np.ascontiguousarray(concepts.cooccurrence, dtype=np.int64)),
             "n_captions": concepts.n_captions,
         }
-    with staged_file(folder / MODEL_FILE) as tmp:
-        torch.save(saved, tmp)
+    # torch writes through the Python stream, so a full disk is an OSError (a path gives an opaque RuntimeError)
+    with staged_file(folder / MODEL_FILE) as tmp, tmp.open("wb") as stream:
+        torch.save(saved, stream)
     write_json(folder / CARD_FILE, card)
 
 
@@ -62,7 +64,7 @@ def load_matcher(folder: Path, device: torch.device, data: DataFolders | None = 
     path = folder / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found (run the train stage first)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _read_saved(path)
     card = saved["card"]
     own_vocab = _stored_vocab(saved.get("vocab"))
     if own_vocab is not None and own_vocab.digest() != card["vocab_digest"]:
@@ -77,7 +79,10 @@ def load_matcher(folder: Path, device: torch.device, data: DataFolders | None = 
         raise UserError(
             f"{path}: trained with concepts {trained_concepts}, but the captions use {concepts_digest}; retrain it"
         )
-    params = TypeAdapter(MatcherParams).validate_python(card["params"])
+    try:
+        params = TypeAdapter(MatcherParams).validate_python(card["params"])
+    except ValidationError as error:
+        raise UserError(f"{path}: its card's params are not valid ({first_line(error)}); {_AGAIN}") from None
     stored = saved.get("concepts")
     concepts = None
     if stored is not None:
@@ -87,10 +92,36 @@ def load_matcher(folder: Path, device: torch.device, data: DataFolders | None = 
         )  # fmt: skip
     inputs = MatcherInputs(card["feature_dim"], card["vocab_size"], concepts, read_pretrained=False)
     matcher = build_matcher(params, inputs)
-    matcher.load_state_dict(saved["state_dict"])
+    try:
+        matcher.load_state_dict(saved["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as error:  # missing, extra or misshapen tensors
+        raise UserError(f"{path}: its weights do not fit the matcher its card describes ({first_line(error)}); "
+                        f"{_AGAIN}") from None  # fmt: skip
     if own_vocab is not None:
         matcher.use_vocabulary(own_vocab)
     return matcher.to(device).eval(), card
+
+
+_AGAIN = "run its train stage again, or restore it with `dvc checkout`"
+_CARD_KEYS = ("params", "feature_dim", "vocab_size", "vocab_digest")
+
+
+def _read_saved(path: Path) -> dict[str, Any]:
+    """The content of a matcher's `model.pt`, read without running code (`itm.safe_load`); a damaged file, or one
+    that holds something else (the detector's weights), is a `UserError` naming it and what to do."""
+    try:
+        saved = load_torch(path, what="trained matcher")
+    except UserError as error:
+        raise UserError(f"{error}; {_AGAIN}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("card"), dict) or "state_dict" not in saved:
+        raise UserError(
+            f"{path}: not a trained matcher (it holds no card and weights; the detector's model.pt?): pass a "
+            "matcher's folder, models/<matcher>/seed<seed>"
+        )
+    missing = [key for key in _CARD_KEYS if key not in saved["card"]]
+    if missing:
+        raise UserError(f"{path}: its card lacks {', '.join(missing)}; {_AGAIN}")
+    return saved
 
 
 def _stored_vocab(stored: dict[str, Any] | None) -> Vocab | None:

@@ -106,6 +106,23 @@ def _known_models(missing: Path) -> str:
     return ""
 
 
+def refuse_other_model(folder: Path) -> None:
+    """A folder with a `model.pt` that is not a trained matcher's (the detector's, or one whose card is missing or
+    damaged) is named for what it is, rather than searched for `seed<seed>` folders it does not have."""
+    if not (folder / MODEL_FILE).is_file() or is_matcher_folder(folder):
+        return
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        card = None
+    detector = isinstance(card, dict) and "architecture" in card
+    what = "the region detector's folder" if detector else f"a folder whose {CARD_FILE} is not a matcher's card"
+    raise UserError(
+        f"{folder}: {what}, not a trained matcher's; pass models/<matcher>/seed<seed>"
+        f"{_known_models(folder / MODEL_FILE)}"
+    )
+
+
 def is_matcher_folder(folder: Path) -> bool:
     """A trained matcher's folder (the detector's has a model.pt too, but its card has no matcher params)."""
     card = folder / CARD_FILE

@@ -12,7 +12,12 @@ weights by validation rSum (SCAN's model selection), and writes a checkpoint ato
 of the matcher sums the violations of all negatives instead of taking the hardest (VSE∞'s warm-up).
 
 A run that finds a checkpoint of the same training run (same fingerprint) resumes after its last finished epoch and
-ends exactly where an uninterrupted run would (same weights, same best epoch, same stopping epoch) on CPU.
+ends exactly where an uninterrupted run would (same weights, same best epoch, same stopping epoch) on CPU. The
+checkpoint before the last is kept beside it (`PREVIOUS_CHECKPOINT`): a checkpoint damaged from outside (a disk fault,
+a copy cut short) is named in one warning, removed, and training resumes from the previous one, or from the first
+epoch when neither can be read, instead of failing on every run until someone deletes it. A checkpoint names the
+MLflow run its epochs were logged to (`checkpoint_run`), which the resumed stage continues; when the run logging now
+is another one, the resumed epochs are logged to it again, so that one run holds the whole history.
 
 The per-epoch `history` holds what the run computed (losses, learning rate, validation recalls, pairs seen) and is
 the same on every run on the same machine; wall-clock times are kept apart (`epoch_seconds`), because they are not.
@@ -43,12 +48,14 @@ from itm.distributed import Context
 from itm.errors import UserError
 from itm.models.base import Matcher
 from itm.models.losses import ContrastiveLoss
+from itm.safe_load import load_torch
 from itm.tracking import Tracker
 from itm.train.batch_norm import with_global_batch_norm
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.previous.pt"  # the one before: what a damaged checkpoint falls back to
 
 Batches = Callable[[int], Iterable[tuple[Images, Captions]]]  # epoch -> this process's batches of the epoch
 Validate = Callable[[Matcher], dict[str, float]]
@@ -68,6 +75,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch, without wall-clock times
     epoch_seconds: list[float] = field(default_factory=list)  # per epoch: training and validation
     stopped: str | None = None  # PLATEAU or CAP once training has ended
+    logged_to: str | None = None  # the MLflow run the epochs of `history` were logged to, when resumed
 
     @property
     def epochs(self) -> int:
@@ -138,6 +146,7 @@ def fit(
     scaler = gradient_scaler(precision, device)
     state = _resume(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler)
     result = state or FitResult(copy.deepcopy(matcher.state_dict()), 0, {"rsum": -math.inf})
+    _log_history(tracker, result)
     model: Matcher | DistributedDataParallel = matcher
     if context.distributed:  # every process starts from rank 0's weights: DDP broadcasts them when it wraps
         model = DistributedDataParallel(with_global_batch_norm(matcher, context))
@@ -166,10 +175,19 @@ def fit(
                  val_metrics["rsum"], result.best_metrics["rsum"], result.best_epoch,
                  "; stopping on the plateau" if result.stopped == PLATEAU else "")  # fmt: skip
         if context.is_main:
-            _save(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler, result)
+            _save(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler, result, tracker.run_id)
         context.barrier()  # a checkpoint is complete before any process can stop
     warm_up_hinge_losses(matcher, False)
     return result
+
+
+def _log_history(tracker: Tracker, result: FitResult) -> None:
+    """The resumed epochs logged again when the run logging now is not the one they were logged to (the store no
+    longer has that one, or it is in another store), so that one run holds the whole history."""
+    if tracker.run_id is None or tracker.run_id == result.logged_to:
+        return
+    for epoch, (metrics, seconds) in enumerate(zip(result.history, result.epoch_seconds, strict=True), start=1):
+        tracker.log_metrics(metrics | {"train/epoch_seconds": seconds}, step=epoch)
 
 
 def _rsums(result: FitResult) -> list[float]:
@@ -264,9 +282,11 @@ def _save(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     result: FitResult,
+    run_id: str | None = None,
 ) -> None:
     state: dict[str, Any] = {
         "fingerprint": fingerprint,
+        "mlflow_run_id": run_id,  # the run its epochs were logged to, which a resumed stage continues
         "model": matcher.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -280,25 +300,88 @@ def _save(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with staged_file(path) as tmp:
-        torch.save(state, tmp)
+        with tmp.open("wb") as stream:  # through a Python stream, a full disk is an OSError naming the file
+            torch.save(state, stream)
+        if path.is_file():  # the complete new one is on disk: the last becomes the previous
+            path.replace(path.with_name(PREVIOUS_CHECKPOINT))
+
+
+_CHECKPOINT_KEYS = ("fingerprint", "model", "optimizer", "scaler", "best_state", "best_epoch", "best_metrics",
+                    "history", "epoch_seconds", "rng", "cuda_rng")  # fmt: skip
 
 
 def _resume(
     path: Path, fingerprint: str, matcher: Matcher, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> FitResult | None:
+    """The state of this training run from its checkpoint at `path`, or from the previous one beside it when that
+    one cannot be used; None (start from the first epoch) when neither is this run's and readable. An unreadable
+    checkpoint is named in a warning and removed, so that the next run does not stumble on it again."""
+    for candidate in (path, path.with_name(PREVIOUS_CHECKPOINT)):
+        state = _read_checkpoint(candidate, matcher)
+        if state is None:
+            continue
+        if state["fingerprint"] != fingerprint:
+            log.info("%s belongs to another training run; not resuming from it", candidate)
+            continue
+        matcher.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        log.info("resuming after epoch %d from %s", len(state["history"]), candidate)
+        return FitResult(
+            state["best_state"], state["best_epoch"], state["best_metrics"], state["history"], state["epoch_seconds"],
+            logged_to=state.get("mlflow_run_id"),
+        )  # fmt: skip
+    if path.parent.is_dir():
+        log.info("no checkpoint of this training run in %s; starting from the first epoch", path.parent)
+    return None
+
+
+def checkpoint_run(work_dir: Path, fingerprint: str) -> str | None:
+    """The MLflow run that the checkpoint `_resume` would resume from logged to (the last checkpoint in `work_dir`
+    of this training run, `fingerprint`, or the previous one); None without one, or when it logged nowhere."""
+    for candidate in (work_dir / CHECKPOINT, work_dir / PREVIOUS_CHECKPOINT):
+        if not candidate.is_file():
+            continue
+        try:
+            state = load_torch(candidate, what="checkpoint")
+        except UserError:  # damaged: `_resume` names and removes it
+            continue
+        if isinstance(state, dict) and state.get("fingerprint") == fingerprint:
+            return state.get("mlflow_run_id")
+    return None
+
+
+def _read_checkpoint(path: Path, matcher: Matcher) -> dict[str, Any] | None:
+    """The checkpoint at `path`, read without running code (`itm.safe_load`), when it is whole and fits `matcher`;
+    None when there is none. A damaged one is named in a warning and removed."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != fingerprint:
-        log.info("%s belongs to another training run; starting afresh", path)
-        return None
-    matcher.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    log.info("resuming after epoch %d from %s", len(state["history"]), path)
-    return FitResult(
-        state["best_state"], state["best_epoch"], state["best_metrics"], state["history"], state["epoch_seconds"]
-    )
+    try:
+        state = load_torch(path, what="checkpoint")
+        problem = _checkpoint_problem(state, matcher)
+    except UserError as error:
+        problem = str(error).removeprefix(f"{path}: ")
+    if problem is None:
+        return state
+    log.warning("%s: %s; removed it, training goes on from the last good state", path, problem)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _checkpoint_problem(state: Any, matcher: Matcher) -> str | None:
+    """Why a loaded checkpoint cannot be resumed from (missing entries, weights of another shape), or None."""
+    if not isinstance(state, dict):
+        return "not a checkpoint"
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        return f"not a whole checkpoint (no {', '.join(missing)})"
+    if not isinstance(state["model"], dict):
+        return "not a checkpoint"
+    expected = {key: tuple(value.shape) for key, value in matcher.state_dict().items() if torch.is_tensor(value)}
+    found = {key: tuple(value.shape) for key, value in state["model"].items() if torch.is_tensor(value)}
+    if found != expected:
+        return "its weights do not fit this matcher"
+    return None

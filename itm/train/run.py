@@ -9,11 +9,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from itm import environment
-from itm.atomic import staged_dir
+from itm.atomic import remove_when_published, staged_dir
 from itm.config import MatcherParams, MvamParams, TrainParams
 from itm.data.captions import captions_file
 from itm.data.loaders import CaptionImagePairs, CaptionTable, PairCollator, image_concepts
@@ -27,9 +28,10 @@ from itm.evaluate.scoring import score_split
 from itm.measurements import write_record
 from itm.models import Matcher, build_matcher, inputs_for_training, save_matcher
 from itm.models.saved import MODEL_FILE
-from itm.tracking import RUN_MODEL_DIR, Tracker
+from itm.tracking import RUN_MODEL_DIR, RunOpener, Tracker
 from itm.train.batches import GlobalBatchSampler
-from itm.train.loop import CHECKPOINT, FitResult, fit
+from itm.train.loop import CHECKPOINT, PREVIOUS_CHECKPOINT, FitResult, checkpoint_run, fit
+from itm.train.progress import no_progress_warning, training_progress
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,13 @@ def train_matcher(
     data: DataFolders,
     out_dir: Path,
     work_dir: Path,
-    tracker: Tracker,
+    open_run: RunOpener,
     device: torch.device,
     workers: int,
     context: Context | None = None,
 ) -> dict[str, Any]:
-    """Train matcher `name` on the train split, select it on val rSum, and save it to `out_dir` with its card.
+    """Train matcher `name` on the train split, select it on val rSum, and save it to `out_dir` with its card;
+    logged to the run `open_run` opens, which continues the run of the checkpoint it resumes from.
 
     `settings` are the shared `train:` params; the matcher's own recipe (`OWN_SETTINGS`), when set, replaces them.
     `seed` (one of `settings.seeds`) fixes the initialisation and the order of the batches.
@@ -96,6 +99,30 @@ def train_matcher(
     torch.manual_seed(seed)
     matcher = build_matcher(params, inputs_for_training(params, data.feature_dim, len(data.vocab), data.concepts))
     matcher = matcher.to(device)
+    fingerprint = training_fingerprint(name, params, settings, seed, data, matcher)
+    resumed_run = checkpoint_run(work_dir, fingerprint) if context.is_main else None
+    with open_run(continue_run=resumed_run) as tracker:
+        return _train(name, params, settings, matcher, fingerprint, seed=seed, data=data, out_dir=out_dir,
+                      work_dir=work_dir, tracker=tracker, device=device, workers=workers, context=context)  # fmt: skip
+
+
+def _train(
+    name: str,
+    params: MatcherParams,
+    settings: TrainParams,
+    matcher: Matcher,
+    fingerprint: str,
+    *,
+    seed: int,
+    data: DataFolders,
+    out_dir: Path,
+    work_dir: Path,
+    tracker: Tracker,
+    device: torch.device,
+    workers: int,
+    context: Context,
+) -> dict[str, Any]:
+    """`train_matcher` once its matcher is built (with `settings` resolved) and its run is open."""
     train, val = training_splits(data, matcher)
     warn_if_views_outnumber_tokens(name, params, train)
 
@@ -120,13 +147,13 @@ def train_matcher(
             model, val.store, val.captions, device=device, batch_size=settings.batch_size, context=context
         )
 
-    fingerprint = training_fingerprint(name, params, settings, seed, data, matcher)
     result = fit(
         matcher, batches, validate, settings, work_dir=work_dir, fingerprint=fingerprint, tracker=tracker,
         device=device, label=name, context=context,
     )  # fmt: skip
 
     labelled = matcher.n_concepts > 0
+    val_captions_per_image = np.unique(val.captions.image_ids, return_counts=True)[1].tolist()
     card = {
         "name": name,
         "kind": params.kind,
@@ -141,7 +168,7 @@ def train_matcher(
         "environment": environment.record(),
         "best_epoch": result.best_epoch,
         "val": result.best_metrics,
-        "training": training_summary(result, settings),
+        "training": training_summary(result, settings, val_captions_per_image),
         "history": result.history,  # per-epoch metrics (losses, learning rate, val recalls), for training curves
     }
     if context.is_main:
@@ -155,12 +182,18 @@ def train_matcher(
         tags = {"itm.matcher": name, "itm.kind": params.kind, "itm.seed": str(seed)}
         tracker.log_model(out_dir, name, params=card["params"], metrics=best, tags=tags)  # models:/<id>, metrics linked
         tracker.log_metrics({"train_seconds": sum(result.epoch_seconds), "pairs_seen": float(result.pairs_seen)})
-        tracker.set_tags({"itm.stopped": str(result.stopped), "itm.epochs": str(result.epochs)})
+        progress = card["training"]["progress"]
+        tracker.set_tags({"itm.stopped": str(result.stopped), "itm.epochs": str(result.epochs),
+                          "itm.progress": progress["verdict"]})  # fmt: skip
+        warning = no_progress_warning(name, progress, settings.learning_rate)
+        if warning is not None:
+            log.warning("%s", warning)
         tracker.log_dict(card["environment"], "environment.json")
         tracker.log_dict({"matcher": card["params"], "train": card["train"]}, "config.json")  # the resolved config
         tracker.log_artifact(out_dir / "model.pt", RUN_MODEL_DIR)  # runs:/<run id>/model
         tracker.log_artifact(out_dir / "card.json", RUN_MODEL_DIR)
-        (work_dir / CHECKPOINT).unlink(missing_ok=True)
+        for checkpoint in (CHECKPOINT, PREVIOUS_CHECKPOINT):  # kept while the stage may still fail and resume
+            remove_when_published(work_dir / checkpoint)
     log.info("%s: best val rsum %.2f at epoch %d", name, result.best_metrics["rsum"], result.best_epoch)
     return card
 
@@ -182,9 +215,10 @@ def warn_if_views_outnumber_tokens(name: str, params: MatcherParams, train: Spli
             )  # fmt: skip
 
 
-def training_summary(result: FitResult, settings: TrainParams) -> dict[str, Any]:
+def training_summary(result: FitResult, settings: TrainParams, val_captions_per_image: list[int]) -> dict[str, Any]:
     """How training ended and what it cost, for the card: the epochs run, the best one, whether it stopped on the
-    validation plateau or at the epoch cap, and the caption-image pairs it trained on."""
+    validation plateau or at the epoch cap, the caption-image pairs it trained on, and whether it made any progress
+    (itm/train/progress.py: judged against chance on the validation split, whose images have these caption counts)."""
     return {
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
@@ -194,6 +228,7 @@ def training_summary(result: FitResult, settings: TrainParams) -> dict[str, Any]
         "min_delta": settings.min_delta,
         "warmup_epochs": settings.warmup_epochs,
         "pairs_seen": result.pairs_seen,
+        "progress": training_progress(result.history, val_captions_per_image),
     }
 
 
