@@ -44,7 +44,7 @@ from stages import regions
 from tests.conftest import REPO, TINY_DETECTOR, TINY_SYNTHETIC
 from tests.http_server import http_server_fixture  # noqa: F401 - provides the `http_server` fixture
 from tests.test_convert import random_detector
-from tests.test_matcher_stages import _train, prepared  # noqa: F401 - `prepared`: params, captions, oracle regions
+from tests.test_matcher_stages import _train, prepared, stop_after_second_checkpoint  # noqa: F401 - `prepared`: params, captions, oracle regions
 
 CPU = torch.device("cpu")
 DATA = b"first version " * 1000
@@ -222,15 +222,7 @@ def test_a_corrupt_checkpoint_resumes_from_the_one_kept_before_it(
     """Training stopped after its second epoch, whose checkpoint was then damaged: the re-run says so, resumes
     after the first epoch and ends as a whole run would (two epochs, both checkpoints gone)."""
     out, work = prepared / "models" / "corrupt", prepared / "work" / "train" / "corrupt"
-    saved, calls = loop._save, []
-
-    def save_then_stop(*args: object, **kwargs: object) -> None:
-        saved(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_save", save_then_stop)
+    saved = stop_after_second_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _train(prepared, "vsepp", "--out", str(out), "--work", str(work))
     monkeypatch.setattr(loop, "_save", saved)

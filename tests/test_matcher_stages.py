@@ -102,6 +102,20 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: Path) -> 
 SEED = 0  # the first of params.yaml's train.seeds
 
 
+def stop_after_second_checkpoint(monkeypatch: pytest.MonkeyPatch) -> object:
+    """Make training raise KeyboardInterrupt right after writing its second checkpoint; returns the real writer."""
+    saved, calls = loop._save, []
+
+    def save_then_stop(*args: object, **kwargs: object) -> None:
+        saved(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save", save_then_stop)
+    return saved
+
+
 def _train(root: Path, name: str, *extra: str) -> Path:
     """Train `name` as `train@<name>-0` does, into models/<name>/seed0 (unless `extra` names another --out);
     returns the default model folder."""
@@ -304,16 +318,7 @@ def test_an_interrupted_training_resumes_to_the_same_model(
     whole = prepared / "models" / f"{name}_whole"
     _train(prepared, name, "--out", str(whole), "--work", str(prepared / "work" / "train" / f"{name}_whole"))
 
-    saved = loop._save
-    calls = []
-
-    def save_then_stop(*args: object, **kwargs: object) -> None:
-        saved(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_save", save_then_stop)
+    saved = stop_after_second_checkpoint(monkeypatch)
     resumed = prepared / "models" / f"{name}_resumed"
     work = prepared / "work" / "train" / f"{name}_resumed"
     with pytest.raises(KeyboardInterrupt):
