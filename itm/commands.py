@@ -1,6 +1,7 @@
 """The `itm` console command. `itm search` ranks the indexed split for a text or an image with a trained matcher;
 `itm experiments` shows one figure of every model across DVC's experiments (itm/experiments.py); `itm tracking
-sync` sends to MLflow what runs kept locally while their tracking store did not answer (itm/tracking/runs.py).
+sync` sends to MLflow what runs kept locally while their tracking store did not answer (itm/tracking/runs.py); `itm
+ui` serves MLflow's UI on the pipeline's runs (itm/tracking/ui.py).
 
     itm search --model models/scan_t2i_avg --text "a red circle to the left of a blue square" --top 5
     itm search --model models/scan_t2i_avg/seed1 --image data/raw/synthetic/images/<file>.jpg --sheet sheet.png
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
         "answer (the next stage to start sends it too), and end as KILLED the runs whose process died with the run "
         "open. Runs still open in a live process are left alone.",
     )
+    ui = commands.add_parser(
+        "ui",
+        help="MLflow's UI on the pipeline's runs",
+        description="Start `mlflow ui` on the repository's tracking store (mlflow.db, or MLFLOW_TRACKING_URI) and "
+        "print the address of the itm experiment's runs, which opens on the runs rather than on MLflow's GenAI "
+        "view. For a tracking server (an http address), print its address only.",
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    ui.add_argument("--port", type=int, default=5000, help="default 5000")
     return parser
 
 
@@ -112,6 +122,10 @@ def _main(argv: Sequence[str] | None = None) -> None:
         show_experiments(args)
     elif args.command == "tracking":
         sync_tracking()
+    elif args.command == "ui":
+        from itm.tracking.ui import serve
+
+        serve(args.host, args.port)
 
 
 def sync_tracking() -> None:

@@ -17,8 +17,10 @@ This module imports nothing heavy at import time: `pin()` must run before the fi
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,24 +63,28 @@ def apply_threads() -> None:
 
 
 def record() -> dict[str, Any]:
-    """What a result depends on beyond code, params and data: library versions, CPU kernels and threads, GPUs."""
-    import numpy
-    import torch
+    """What a result depends on beyond code, params and data: library versions, CPU kernels and threads, GPUs.
 
-    gpus = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+    A process that has not loaded torch (the download and tokenize stages) records torch's installed version and
+    None for what torch would choose (kernels, threads, GPUs), which nothing it computed depended on; importing
+    torch only to ask would cost such a stage seconds."""
+    import numpy
+
+    torch = sys.modules.get("torch")
+    loaded = torch is not None
     return {
         "python": platform.python_version(),
-        "torch": str(torch.__version__),
+        "torch": str(torch.__version__) if loaded else importlib.metadata.version("torch"),
         "numpy": numpy.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cuda": torch.version.cuda if loaded else None,
+        "cudnn": torch.backends.cudnn.version() if loaded and torch.backends.cudnn.is_available() else None,
         "machine": platform.machine(),
         "cpu": _cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability() if loaded else None,
         "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
-        "threads": torch.get_num_threads(),
-        "gpus": gpus,
+        "threads": torch.get_num_threads() if loaded else None,
+        "gpus": [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())] if loaded else None,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,32 +31,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     from itm.device import default_device
 
     settings = params.detector
-    with (
-        replaced_together(args.out, args.metrics),  # the detector and its metrics: both or neither
-        start_run("detector", params={"detector": settings.model_dump(mode="json")}) as tracker,
-    ):
-        if settings.weights == "train":
+    open_run = functools.partial(start_run, "detector", params={"detector": settings.model_dump(mode="json")})
+    with replaced_together(args.out, args.metrics):  # the detector and its metrics: both or neither
+        if settings.weights == "train":  # its run opens once it is known whether a checkpoint logged to one
             card = train_synthetic_detector(
                 args.dataset,
                 args.out,
                 args.work,
                 settings.active_architecture,
                 settings.train,
-                tracker=tracker,
+                open_run=open_run,
                 device=default_device(),
                 workers=args.workers,
             )
-        elif settings.weights == "pretrained":
-            card = convert_published_detector(
-                settings.pretrained,
-                settings.active_architecture,
-                args.out,
-                cache_dir=args.cache,
-                download=params.download,
-            )
         else:
-            card = record_no_detector(args.out)
-        tracker.log_dict(card, "card.json")
+            with open_run(continue_run=None) as tracker:
+                if settings.weights == "pretrained":
+                    card = convert_published_detector(
+                        settings.pretrained,
+                        settings.active_architecture,
+                        args.out,
+                        cache_dir=args.cache,
+                        download=params.download,
+                    )
+                else:
+                    card = record_no_detector(args.out)
+                tracker.log_dict(card, "card.json")
         write_json(args.metrics, card.get("validation") or {})
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,14 +21,31 @@ from tests.conftest import TINY_DETECTOR
 TRAINING = DetectorTraining(epochs=2, batch_size=8, learning_rate=0.01, warmup_iterations=4, max_images=32)
 
 
-def _train(dataset: Path, work: Path, tracker: NullTracker):
+@contextlib.contextmanager
+def detector_interrupted_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[None]:
+    """A detector training inside is interrupted (Ctrl-C) in its epoch `epoch` (0-based), after the checkpoints of the
+    epochs before it."""
+    real = train._train_one_epoch
+
+    def stop_in_the_epoch(*args: Any, **kwargs: Any) -> Any:
+        if args[5] == epoch:  # the epoch index
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_one_epoch", stop_in_the_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(train, "_train_one_epoch", real)
+
+
+def _train(dataset: Path, work: Path, tracker: NullTracker, training: DetectorTraining = TRAINING):
     vocabularies = read_vocabularies(dataset)
     return train_detector(
         read_annotations(dataset, "train", vocabularies),
         read_annotations(dataset, "val", vocabularies),
         vocabularies,
         DetectorArchitecture(**TINY_DETECTOR),
-        TRAINING,
+        training,
         work_dir=work,
         data_digest="tiny",
         tracker=tracker,
@@ -44,18 +64,9 @@ def test_interrupted_training_resumes_to_the_same_weights(
     assert all(torch.isfinite(torch.tensor(v)) for metrics, _ in tracker.metrics for v in metrics.values())
     assert 0.0 <= validation.object_ap50 <= 1.0 and 0.0 <= validation.attribute_accuracy <= 1.0
 
-    real = train._train_one_epoch
-
-    def stop_in_second_epoch(*args, **kwargs):
-        if args[5] == 1:  # epoch index
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_train_one_epoch", stop_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with detector_interrupted_in_epoch(monkeypatch, 1):
         _train(tiny_synthetic, tmp_path / "b", NullTracker())
     assert (tmp_path / "b" / "checkpoint.pt").is_file()
-    monkeypatch.setattr(train, "_train_one_epoch", real)
     resumed_tracker = NullTracker()
     resumed, _ = _train(tiny_synthetic, tmp_path / "b", resumed_tracker)
     assert [step for _, step in resumed_tracker.metrics] == [2]

@@ -69,6 +69,18 @@ def test_the_record_names_versions_kernels_threads_and_gpus() -> None:
     json.dumps(record)  # it goes into cards and MLflow as JSON
 
 
+def test_a_process_without_torch_records_its_version_without_loading_it() -> None:
+    """The download and tokenize stages never load torch: their record (the tags of their MLflow runs) names torch's
+    installed version and leaves what torch would choose empty, instead of spending seconds importing it."""
+    probe = "import sys, json; from itm import environment; record = environment.record(); "
+    probe += "print(json.dumps([record, 'torch' in sys.modules]))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    record, loaded = json.loads(done.stdout)
+    assert not loaded and record["torch"] == torch.__version__.split("+")[0]
+    assert [record[key] for key in ("cuda", "cudnn", "cpu_capability", "threads", "gpus")] == [None] * 5
+    assert list(record) == list(environment.record())  # the same keys, in the same order, as with torch loaded
+
+
 def test_the_record_loads_back_from_a_weights_only_checkpoint() -> None:
     """Cards travel inside model.pt, which is read with weights_only=True: the record holds plain values only."""
     buffer = io.BytesIO()

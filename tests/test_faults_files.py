@@ -26,6 +26,7 @@ import yaml
 from pydantic import TypeAdapter
 
 from itm import atomic, commands
+from itm.checkpoints import CHECKPOINT, PREVIOUS_CHECKPOINT
 from itm.config import DetectorArchitecture, MatcherParams
 from itm.data import download
 from itm.data.download import fetch
@@ -38,12 +39,14 @@ from itm.models import MatcherInputs, build_matcher
 from itm.models.saved import CARD_FILE, MODEL_FILE, load_matcher, save_matcher
 from itm.seeds import seed_path
 from itm.stage_runner import run_stage
+from itm.tracking import NullTracker
 from itm.train import loop
-from itm.train.loop import CHECKPOINT
 from stages import regions
 from tests.conftest import REPO, TINY_DETECTOR, TINY_SYNTHETIC
 from tests.http_server import http_server_fixture  # noqa: F401 - provides the `http_server` fixture
 from tests.test_convert import random_detector
+from tests.test_detector_train import TRAINING, detector_interrupted_in_epoch
+from tests.test_detector_train import _train as _train_detector
 from tests.test_matcher_stages import _train, prepared, stop_after_second_checkpoint  # noqa: F401 - `prepared`: params, captions, oracle regions
 
 CPU = torch.device("cpu")
@@ -201,12 +204,12 @@ def test_unreadable_checkpoints_are_reported_removed_and_training_starts_over(
     """Neither the checkpoint nor the one kept before it can be read: each is named, and training starts over."""
     current = tmp_path / CHECKPOINT
     current.write_bytes(b"PK\x03\x04 truncated")
-    previous = tmp_path / loop.PREVIOUS_CHECKPOINT
+    previous = tmp_path / PREVIOUS_CHECKPOINT
     previous.write_bytes(b"")
     matcher = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(matcher.parameters())
-    with caplog.at_level(logging.INFO, logger="itm.train.loop"):
-        resumed = loop._resume(current, "fingerprint", matcher, optimizer, loop.gradient_scaler("fp32", CPU))
+    with caplog.at_level(logging.INFO, logger="itm"):
+        resumed = loop._resume(tmp_path, "fingerprint", matcher, optimizer, loop.gradient_scaler("fp32", CPU))
     assert resumed is None and not current.exists() and not previous.exists()
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert [message.split(":")[0] for message in warnings] == [str(current), str(previous)]
@@ -228,13 +231,34 @@ def test_a_corrupt_checkpoint_resumes_from_the_one_kept_before_it(
     monkeypatch.setattr(loop, "_save", saved)
     checkpoint = work / CHECKPOINT
     checkpoint.write_bytes(checkpoint.read_bytes()[:4096])
-    with caplog.at_level(logging.INFO, logger="itm.train.loop"):
+    with caplog.at_level(logging.INFO, logger="itm"):
         _train(prepared, "vsepp", "--out", str(out), "--work", str(work))
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith(f"{checkpoint}: ")
     assert "resuming after epoch 1" in caplog.text
     assert json.loads((out / CARD_FILE).read_text())["training"]["epochs"] == 2
     assert sorted(path.name for path in work.iterdir()) == ["run.json"]
+
+
+@pytest.mark.slow
+def test_a_damaged_detector_checkpoint_resumes_from_the_one_kept_before_it(
+    tiny_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The detector's training stopped in its third epoch and its last checkpoint was then cut short: the re-run
+    names it, resumes after the first epoch and trains the second and third (it used to fail on every run)."""
+    training = TRAINING.model_copy(update={"epochs": 3, "max_images": 16})
+    with detector_interrupted_in_epoch(monkeypatch, 2):
+        _train_detector(tiny_synthetic, tmp_path, NullTracker(), training)
+    checkpoint = tmp_path / CHECKPOINT
+    assert (tmp_path / PREVIOUS_CHECKPOINT).is_file()
+    checkpoint.write_bytes(checkpoint.read_bytes()[:4096])
+    tracker = NullTracker()
+    with caplog.at_level(logging.INFO, logger="itm"):
+        _train_detector(tiny_synthetic, tmp_path, tracker, training)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{checkpoint}: not a loadable checkpoint")
+    assert "resuming detector training after epoch 1" in caplog.text
+    assert [step for _, step in tracker.metrics] == [2, 3]
 
 
 # --- 9: unwritable outputs and a full disk --------------------------------------------------------------------------

@@ -31,10 +31,14 @@ from typing import Any
 import pytest
 
 from itm import commands
+from itm.checkpoints import CHECKPOINT, checkpoint_run
 from itm.errors import UserError
 from itm.tracking import NullTracker, runs, start_run
 from itm.train import loop
 from tests.conftest import REPO
+from tests.test_detector_stages import _detector as run_detector_stage
+from tests.test_detector_stages import _params as detector_params
+from tests.test_detector_train import detector_interrupted_in_epoch
 from tests.test_matcher_stages import _train, prepared  # noqa: F401 - `prepared`: params, captions, oracle regions
 from tests.test_train_loop import _fit, _matcher, _validate
 
@@ -271,7 +275,7 @@ def test_a_store_that_dies_mid_training_costs_no_work_and_one_command_sends_the_
         run_id = tracker.run_id
     # Before: every call retried for minutes (8.5 in all), then the stage failed without its model.
     assert time.monotonic() - started < 40
-    assert result.epochs == 4 and (repo / "work" / loop.CHECKPOINT).is_file() and model_id is None
+    assert result.epochs == 4 and (repo / "work" / CHECKPOINT).is_file() and model_id is None
     kept = repo / LOCAL / run_id
     assert (kept / "pending.jsonl").is_file() and not (kept / "sent.json").exists()
     capsys.readouterr()
@@ -459,12 +463,27 @@ def test_a_resumed_training_continues_its_run_with_the_whole_history(
         _fit(_matcher(), work, tracker)
     uri = f"sqlite:///{repo}/mlflow.db"
     assert _client(uri).get_run(first).info.status == "KILLED"
-    resumed = loop.checkpoint_run(work, "r1")  # what the train stage continues (the fingerprint of `_fit`)
+    resumed = checkpoint_run(work, "r1")  # what the train stage continues (the fingerprint of `_fit`)
     assert resumed == first
     with start_run(STAGE, params={"seed": 0}, continue_run=resumed) as tracker:
         _fit(_matcher(), work, tracker)
     assert [(run.info.run_id, run.info.status) for run in _runs(uri)] == [(first, "FINISHED")]
     assert _steps(uri, first) == [1, 2, 3, 4] and _steps(uri, first, "train/epoch_seconds") == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_the_detector_stage_resumed_continues_its_run(
+    repo: Path, tiny_synthetic: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The detector stage stopped in its second epoch and run again: one run, FINISHED, with both epochs."""
+    params = detector_params(repo, lambda raw: raw["detector"]["train"].update(epochs=2))
+    with detector_interrupted_in_epoch(monkeypatch, 1):
+        run_detector_stage(params, tiny_synthetic, repo / "detector", repo)
+    run_detector_stage(params, tiny_synthetic, repo / "detector", repo)
+    uri = f"sqlite:///{repo}/mlflow.db"
+    runs = _runs(uri)
+    assert [(run.info.run_name, run.info.status) for run in runs] == [("detector", "FINISHED")]
+    assert _steps(uri, runs[0].info.run_id, "train/loss") == [1, 2]  # before: a KILLED run, and one with epoch 2
 
 
 def test_a_resumed_training_in_a_new_run_logs_the_earlier_epochs_to_it(
@@ -473,7 +492,7 @@ def test_a_resumed_training_in_a_new_run_logs_the_earlier_epochs_to_it(
     work = repo / "work"
     with _interrupted_in_the_third_epoch(monkeypatch):
         _fit(_matcher(), work, NullTracker())  # logged nowhere: no run to continue
-    assert loop.checkpoint_run(work, "r1") is None
+    assert checkpoint_run(work, "r1") is None
     with start_run(STAGE) as tracker:
         _fit(_matcher(), work, tracker)
         run_id = tracker.run_id

@@ -9,7 +9,7 @@ The layers, top to bottom:
     5. itm.evaluate, itm.pair_attention, itm.published
     6. itm.models
     7. itm.data
-    8. itm.stage_runner
+    8. itm.stage_runner, itm.measurements, itm.checkpoints
     9. itm.config, itm.distributed, itm.tracking, itm.atomic, itm.device, itm.safe_load
     10. itm.launch
     11. itm.errors
@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("itm.evaluate", "itm.pair_attention", "itm.published"),
     ("itm.models",),
     ("itm.data",),
-    ("itm.stage_runner", "itm.measurements"),
+    ("itm.stage_runner", "itm.measurements", "itm.checkpoints"),
     ("itm.config", "itm.distributed", "itm.tracking", "itm.atomic", "itm.device", "itm.safe_load", "itm.seeds"),
     ("itm.environment",),
     ("itm.launch",),

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from itm.checkpoints import CHECKPOINT
 from itm.data.records import read_dataset_json
 from itm.data.regions import ImageRegions, write_store
 from itm.errors import UserError
@@ -27,7 +28,6 @@ from itm.measurements import read_record
 from itm.models.saved import MODEL_FILE, load_matcher
 from itm.seeds import seed_path
 from itm.train import loop
-from itm.train.loop import CHECKPOINT
 from stages import ensemble, evaluate, tokenize, train
 from tests.conftest import REPO, TINY_SYNTHETIC
 from tests.test_mvam import TINY_CLIP

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from itm.atomic import remove_when_published, staged_dir
+from itm.atomic import staged_dir
+from itm.checkpoints import checkpoint_run, remove_checkpoints_when_published
 from itm.config import DetectorArchitecture, DetectorTraining, DownloadParams, PretrainedDetector, RemoteFile
 from itm.data.download import fetch
 from itm.data.records import DATASET_JSON, file_md5
@@ -17,9 +18,9 @@ from itm.data.synthetic import OBJECTS_FILE
 from itm.detect.convert import load_pretrained
 from itm.detect.data import read_annotations, read_vocabularies
 from itm.detect.saved import save_detector, write_card
-from itm.detect.train import train_detector
+from itm.detect.train import train_detector, training_fingerprint
 from itm.errors import UserError
-from itm.tracking import Tracker
+from itm.tracking import RunOpener
 
 log = logging.getLogger(__name__)
 
@@ -31,44 +32,48 @@ def train_synthetic_detector(
     architecture: DetectorArchitecture,
     training: DetectorTraining,
     *,
-    tracker: Tracker,
+    open_run: RunOpener,
     device: torch.device,
     workers: int,
 ) -> dict[str, Any]:
-    """Train the detector on the dataset's object annotations and save it with its validation metrics."""
+    """Train the detector on the dataset's object annotations and save it with its validation metrics; logged to
+    the run `open_run` opens, which continues the run of the checkpoint it resumes from."""
     vocabularies = read_vocabularies(dataset_dir)
     train_items = read_annotations(dataset_dir, "train", vocabularies)
     val_items = read_annotations(dataset_dir, "val", vocabularies)
     digest = file_md5(dataset_dir / DATASET_JSON) + file_md5(dataset_dir / OBJECTS_FILE)
-    model, validation = train_detector(
-        train_items,
-        val_items,
-        vocabularies,
-        architecture,
-        training,
-        work_dir=work_dir,
-        data_digest=digest,
-        tracker=tracker,
-        device=device,
-        workers=workers,
-    )
-    tracker.log_metrics(validation.as_metrics())
-    log.info(
-        "detector validation: object AP@0.5 %.3f, attribute accuracy %.3f",
-        validation.object_ap50,
-        validation.attribute_accuracy,
-    )
-    with staged_dir(out_dir) as staging:
-        card = save_detector(
-            staging,
-            model.cpu(),
+    resumed_run = checkpoint_run(work_dir, training_fingerprint(architecture, training, digest))
+    with open_run(continue_run=resumed_run) as tracker:
+        model, validation = train_detector(
+            train_items,
+            val_items,
+            vocabularies,
             architecture,
-            list(vocabularies.classes),
-            list(vocabularies.attributes),
-            source={"kind": "trained", "dataset": str(dataset_dir), "train_images": len(train_items)},
-            validation=validation.as_metrics(),
+            training,
+            work_dir=work_dir,
+            data_digest=digest,
+            tracker=tracker,
+            device=device,
+            workers=workers,
         )
-    remove_when_published(work_dir / "checkpoint.pt")
+        tracker.log_metrics(validation.as_metrics())
+        log.info(
+            "detector validation: object AP@0.5 %.3f, attribute accuracy %.3f",
+            validation.object_ap50,
+            validation.attribute_accuracy,
+        )
+        with staged_dir(out_dir) as staging:
+            card = save_detector(
+                staging,
+                model.cpu(),
+                architecture,
+                list(vocabularies.classes),
+                list(vocabularies.attributes),
+                source={"kind": "trained", "dataset": str(dataset_dir), "train_images": len(train_items)},
+                validation=validation.as_metrics(),
+            )
+        tracker.log_dict(card, "card.json")
+    remove_checkpoints_when_published(work_dir)
     return card
 
 

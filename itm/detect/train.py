@@ -2,8 +2,9 @@
 
 SGD with momentum, linear warm-up and 10x step decay, as torchvision's detection references train Faster R-CNN.
 Batch norm uses batch statistics while training from scratch and is frozen into the model afterwards, so the
-saved detector has exactly the BUTD layout. A checkpoint is written (atomically) after every epoch; a re-run with
-the same settings and data resumes from it.
+saved detector has exactly the BUTD layout. A checkpoint is written after every epoch (`itm.checkpoints`: atomically,
+the one before kept for when it is damaged); a re-run with the same settings and data resumes from it, and logs to
+the MLflow run the checkpoint names, or, in another run, logs the resumed epochs again, so one run holds them all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from itm.atomic import staged_file
+from itm.checkpoints import RUN_ID_KEY, load_checkpoint, missing_entries, save_checkpoint, weights_problem
 from itm.config import DetectorArchitecture, DetectorTraining
 from itm.detect.data import Annotated, DetectionDataset, Vocabularies, collate
 from itm.detect.metrics import Detections, GroundTruth, attribute_accuracy, mean_ap
@@ -32,7 +33,7 @@ from itm.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+_CHECKPOINT_KEYS = ("epochs_done", "model", "optimizer", "schedule", "rng", "history")
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def train_detector(
         optimizer, lambda it: learning_rate_factor(it, total, training.warmup_iterations, training.decay_at)
     )
     fingerprint = training_fingerprint(architecture, training, data_digest)
-    start_epoch = _resume(work_dir / CHECKPOINT, fingerprint, model, optimizer, schedule)
-    for epoch in range(start_epoch, training.epochs):
+    history = _resume(work_dir, fingerprint, model, optimizer, schedule, tracker)
+    for epoch in range(len(history), training.epochs):
         generator = torch.Generator().manual_seed(training.seed * 1000 + epoch)
         loader = DataLoader(
             DetectionDataset(items),
@@ -102,7 +103,8 @@ def train_detector(
         )
         averages = _train_one_epoch(model, loader, optimizer, schedule, device, epoch, training.epochs)
         tracker.log_metrics(averages, step=epoch + 1)
-        _save_checkpoint(work_dir / CHECKPOINT, fingerprint, epoch + 1, model, optimizer, schedule)
+        history.append(averages)
+        _save_checkpoint(work_dir, fingerprint, history, model, optimizer, schedule, tracker.run_id)
     model.eval()
     freeze_batch_norm(model)
     validation = validate(model, val_items, vocabularies, device=device, batch_size=training.batch_size)
@@ -157,45 +159,54 @@ def _scalars(values: Mapping[str, float | Tensor]) -> str:
 
 
 def _save_checkpoint(
-    path: Path,
+    work_dir: Path,
     fingerprint: str,
-    epochs_done: int,
+    history: list[dict[str, float]],
     model: BottomUpDetector,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
+    run_id: str | None,
 ) -> None:
     state = {
         "fingerprint": fingerprint,
-        "epochs_done": epochs_done,
+        RUN_ID_KEY: run_id,
+        "epochs_done": len(history),
+        "history": history,  # each finished epoch's averages, logged again when another run continues them
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "rng": torch.get_rng_state(),
     }
-    with staged_file(path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(work_dir, state)
 
 
 def _resume(
-    path: Path,
+    work_dir: Path,
     fingerprint: str,
     model: BottomUpDetector,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
-) -> int:
-    """The number of epochs already done (0 without a matching checkpoint), with state restored."""
-    if not path.is_file():
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != fingerprint:
-        log.info("%s belongs to another training run; starting afresh", path)
-        return 0
+    tracker: Tracker,
+) -> list[dict[str, float]]:
+    """The finished epochs' averages (none without a usable checkpoint of this run), with the state restored; when
+    `tracker` logs to another run than the checkpoint's, the finished epochs are logged to it again."""
+    state = load_checkpoint(
+        work_dir,
+        fingerprint,
+        lambda state: missing_entries(state, _CHECKPOINT_KEYS) or weights_problem(state["model"], model),
+    )
+    if state is None:
+        return []
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["rng"])
-    log.info("resuming detector training after epoch %d from %s", state["epochs_done"], path)
-    return int(state["epochs_done"])
+    history = list(state["history"])
+    log.info("resuming detector training after epoch %d from %s", len(history), work_dir)
+    if tracker.run_id is not None and tracker.run_id != state.get(RUN_ID_KEY):
+        for epoch, averages in enumerate(history, start=1):
+            tracker.log_metrics(averages, step=epoch)
+    return history
 
 
 @torch.no_grad()

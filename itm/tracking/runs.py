@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from itm.errors import UserError
 from itm.tracking import records
 from itm.tracking.local import LOCAL_KEY_PREFIX, LOCAL_ROOT, LocalRun
+from itm.tracking.pages import run_page
 from itm.tracking.store import (
     check_store,
     failure_reason,
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 _Answer = TypeVar("_Answer")
 
 EXPERIMENT = "itm"
-# MLflow 3 opens an experiment on the view of its kind: model training (runs), not GenAI (traces).
+# Earlier MLflow 3 releases open an experiment on the view of its kind: model training (runs), not GenAI (traces);
+# 3.17 decides by a switch in the browser, which the addresses itm prints set (ui.py).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RECONNECT_SECONDS = 300  # how often a run whose store stopped answering tries it again
 
@@ -240,7 +242,7 @@ class MlflowTracker:
 
     def run_link(self, run_id: str) -> str | None:
         run = self._ask(lambda client: client.get_run(run_id))  # None: e.g. logged to another tracking store
-        return f"#/experiments/{run.info.experiment_id}/runs/{run_id}" if run is not None else None
+        return run_page(run.info.experiment_id, run_id) if run is not None else None
 
     @property
     def away(self) -> bool:

@@ -12,12 +12,10 @@ weights by validation rSum (SCAN's model selection), and writes a checkpoint ato
 of the matcher sums the violations of all negatives instead of taking the hardest (VSE∞'s warm-up).
 
 A run that finds a checkpoint of the same training run (same fingerprint) resumes after its last finished epoch and
-ends exactly where an uninterrupted run would (same weights, same best epoch, same stopping epoch) on CPU. The
-checkpoint before the last is kept beside it (`PREVIOUS_CHECKPOINT`): a checkpoint damaged from outside (a disk fault,
-a copy cut short) is named in one warning, removed, and training resumes from the previous one, or from the first
-epoch when neither can be read, instead of failing on every run until someone deletes it. A checkpoint names the
-MLflow run its epochs were logged to (`checkpoint_run`), which the resumed stage continues; when the run logging now
-is another one, the resumed epochs are logged to it again, so that one run holds the whole history.
+ends exactly where an uninterrupted run would (same weights, same best epoch, same stopping epoch) on CPU. A damaged
+checkpoint falls back to the previous one (`itm.checkpoints`). A checkpoint names the MLflow run its epochs were
+logged to (`checkpoint_run`), which the resumed stage continues; when the run logging now is another one, the resumed
+epochs are logged to it again, so that one run holds the whole history.
 
 The per-epoch `history` holds what the run computed (losses, learning rate, validation recalls, pairs seen) and is
 the same on every run on the same machine; wall-clock times are kept apart (`epoch_seconds`), because they are not.
@@ -33,14 +31,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from itm.atomic import staged_file
+from itm.checkpoints import RUN_ID_KEY, load_checkpoint, missing_entries, save_checkpoint, weights_problem
 from itm.config import TrainParams
 from itm.data.batches import Captions, Images
 from itm.device import autocast, running_precision
@@ -48,14 +45,10 @@ from itm.distributed import Context
 from itm.errors import UserError
 from itm.models.base import Matcher
 from itm.models.losses import ContrastiveLoss
-from itm.safe_load import load_torch
 from itm.tracking import Tracker
 from itm.train.batch_norm import with_global_batch_norm
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS_CHECKPOINT = "checkpoint.previous.pt"  # the one before: what a damaged checkpoint falls back to
 
 Batches = Callable[[int], Iterable[tuple[Images, Captions]]]  # epoch -> this process's batches of the epoch
 Validate = Callable[[Matcher], dict[str, float]]
@@ -144,7 +137,7 @@ def fit(
     optimizer = build_optimizer(matcher, settings)
     precision = running_precision(settings.precision, device)
     scaler = gradient_scaler(precision, device)
-    state = _resume(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler)
+    state = _resume(work_dir, fingerprint, matcher, optimizer, scaler)
     result = state or FitResult(copy.deepcopy(matcher.state_dict()), 0, {"rsum": -math.inf})
     _log_history(tracker, result)
     model: Matcher | DistributedDataParallel = matcher
@@ -175,7 +168,7 @@ def fit(
                  val_metrics["rsum"], result.best_metrics["rsum"], result.best_epoch,
                  "; stopping on the plateau" if result.stopped == PLATEAU else "")  # fmt: skip
         if context.is_main:
-            _save(work_dir / CHECKPOINT, fingerprint, matcher, optimizer, scaler, result, tracker.run_id)
+            _save(work_dir, fingerprint, matcher, optimizer, scaler, result, tracker.run_id)
         context.barrier()  # a checkpoint is complete before any process can stop
     warm_up_hinge_losses(matcher, False)
     return result
@@ -276,7 +269,7 @@ def _warming_up(model: nn.Module) -> bool:
 
 
 def _save(
-    path: Path,
+    work_dir: Path,
     fingerprint: str,
     matcher: Matcher,
     optimizer: torch.optim.Optimizer,
@@ -284,104 +277,49 @@ def _save(
     result: FitResult,
     run_id: str | None = None,
 ) -> None:
-    state: dict[str, Any] = {
-        "fingerprint": fingerprint,
-        "mlflow_run_id": run_id,  # the run its epochs were logged to, which a resumed stage continues
-        "model": matcher.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "best_state": result.best_state,
-        "best_epoch": result.best_epoch,
-        "best_metrics": result.best_metrics,
-        "history": result.history,
-        "epoch_seconds": result.epoch_seconds,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with staged_file(path) as tmp:
-        with tmp.open("wb") as stream:  # through a Python stream, a full disk is an OSError naming the file
-            torch.save(state, stream)
-        if path.is_file():  # the complete new one is on disk: the last becomes the previous
-            path.replace(path.with_name(PREVIOUS_CHECKPOINT))
+    save_checkpoint(
+        work_dir,
+        {
+            "fingerprint": fingerprint,
+            RUN_ID_KEY: run_id,
+            "model": matcher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "best_state": result.best_state,
+            "best_epoch": result.best_epoch,
+            "best_metrics": result.best_metrics,
+            "history": result.history,
+            "epoch_seconds": result.epoch_seconds,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+    )
 
 
-_CHECKPOINT_KEYS = ("fingerprint", "model", "optimizer", "scaler", "best_state", "best_epoch", "best_metrics",
-                    "history", "epoch_seconds", "rng", "cuda_rng")  # fmt: skip
+_CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "best_state", "best_epoch", "best_metrics", "history",
+                    "epoch_seconds", "rng", "cuda_rng")  # fmt: skip
 
 
 def _resume(
-    path: Path, fingerprint: str, matcher: Matcher, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    work_dir: Path, fingerprint: str, matcher: Matcher, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> FitResult | None:
-    """The state of this training run from its checkpoint at `path`, or from the previous one beside it when that
-    one cannot be used; None (start from the first epoch) when neither is this run's and readable. An unreadable
-    checkpoint is named in a warning and removed, so that the next run does not stumble on it again."""
-    for candidate in (path, path.with_name(PREVIOUS_CHECKPOINT)):
-        state = _read_checkpoint(candidate, matcher)
-        if state is None:
-            continue
-        if state["fingerprint"] != fingerprint:
-            log.info("%s belongs to another training run; not resuming from it", candidate)
-            continue
-        matcher.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        log.info("resuming after epoch %d from %s", len(state["history"]), candidate)
-        return FitResult(
-            state["best_state"], state["best_epoch"], state["best_metrics"], state["history"], state["epoch_seconds"],
-            logged_to=state.get("mlflow_run_id"),
-        )  # fmt: skip
-    if path.parent.is_dir():
-        log.info("no checkpoint of this training run in %s; starting from the first epoch", path.parent)
-    return None
-
-
-def checkpoint_run(work_dir: Path, fingerprint: str) -> str | None:
-    """The MLflow run that the checkpoint `_resume` would resume from logged to (the last checkpoint in `work_dir`
-    of this training run, `fingerprint`, or the previous one); None without one, or when it logged nowhere."""
-    for candidate in (work_dir / CHECKPOINT, work_dir / PREVIOUS_CHECKPOINT):
-        if not candidate.is_file():
-            continue
-        try:
-            state = load_torch(candidate, what="checkpoint")
-        except UserError:  # damaged: `_resume` names and removes it
-            continue
-        if isinstance(state, dict) and state.get("fingerprint") == fingerprint:
-            return state.get("mlflow_run_id")
-    return None
-
-
-def _read_checkpoint(path: Path, matcher: Matcher) -> dict[str, Any] | None:
-    """The checkpoint at `path`, read without running code (`itm.safe_load`), when it is whole and fits `matcher`;
-    None when there is none. A damaged one is named in a warning and removed."""
-    if not path.is_file():
+    """The state of this training run from its newest usable checkpoint in `work_dir`, or None (start from the
+    first epoch)."""
+    state = load_checkpoint(
+        work_dir,
+        fingerprint,
+        lambda state: missing_entries(state, _CHECKPOINT_KEYS) or weights_problem(state["model"], matcher),
+    )
+    if state is None:
         return None
-    try:
-        state = load_torch(path, what="checkpoint")
-        problem = _checkpoint_problem(state, matcher)
-    except UserError as error:
-        problem = str(error).removeprefix(f"{path}: ")
-    if problem is None:
-        return state
-    log.warning("%s: %s; removed it, training goes on from the last good state", path, problem)
-    path.unlink(missing_ok=True)
-    return None
-
-
-def _checkpoint_problem(state: Any, matcher: Matcher) -> str | None:
-    """Why a loaded checkpoint cannot be resumed from (missing entries, weights of another shape), or None."""
-    if not isinstance(state, dict):
-        return "not a checkpoint"
-    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
-    if missing:
-        return f"not a whole checkpoint (no {', '.join(missing)})"
-    if not isinstance(state["model"], dict):
-        return "not a checkpoint"
-    expected = {key: tuple(value.shape) for key, value in matcher.state_dict().items() if torch.is_tensor(value)}
-    found = {key: tuple(value.shape) for key, value in state["model"].items() if torch.is_tensor(value)}
-    if found != expected:
-        return "its weights do not fit this matcher"
-    return None
+    matcher.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log.info("resuming after epoch %d from %s", len(state["history"]), work_dir)
+    return FitResult(
+        state["best_state"], state["best_epoch"], state["best_metrics"], state["history"], state["epoch_seconds"],
+        logged_to=state.get(RUN_ID_KEY),
+    )  # fmt: skip

@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from itm import environment
-from itm.atomic import remove_when_published, staged_dir
+from itm.atomic import staged_dir
+from itm.checkpoints import checkpoint_run, remove_checkpoints_when_published
 from itm.config import MatcherParams, MvamParams, TrainParams
 from itm.data.captions import captions_file
 from itm.data.loaders import CaptionImagePairs, CaptionTable, PairCollator, image_concepts
@@ -30,7 +31,7 @@ from itm.models import Matcher, build_matcher, inputs_for_training, save_matcher
 from itm.models.saved import MODEL_FILE
 from itm.tracking import RUN_MODEL_DIR, RunOpener, Tracker
 from itm.train.batches import GlobalBatchSampler
-from itm.train.loop import CHECKPOINT, PREVIOUS_CHECKPOINT, FitResult, checkpoint_run, fit
+from itm.train.loop import FitResult, fit
 from itm.train.progress import no_progress_warning, training_progress
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,7 @@ def _train(
         tracker.log_dict({"matcher": card["params"], "train": card["train"]}, "config.json")  # the resolved config
         tracker.log_artifact(out_dir / "model.pt", RUN_MODEL_DIR)  # runs:/<run id>/model
         tracker.log_artifact(out_dir / "card.json", RUN_MODEL_DIR)
-        for checkpoint in (CHECKPOINT, PREVIOUS_CHECKPOINT):  # kept while the stage may still fail and resume
-            remove_when_published(work_dir / checkpoint)
+        remove_checkpoints_when_published(work_dir)  # kept while the stage may still fail and resume
     log.info("%s: best val rsum %.2f at epoch %d", name, result.best_metrics["rsum"], result.best_epoch)
     return card
 
