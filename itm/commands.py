@@ -1,7 +1,8 @@
 """The `itm` console command. `itm search` ranks the indexed split for a text or an image with a trained matcher;
 `itm experiments` shows one figure of every model across DVC's experiments (itm/experiments.py); `itm tracking
 sync` sends to MLflow what runs kept locally while their tracking store did not answer (itm/tracking/runs.py); `itm
-ui` serves MLflow's UI on the pipeline's runs (itm/tracking/ui.py).
+ui` serves MLflow's UI on the pipeline's runs (itm/tracking/ui.py); `itm offline-plots` makes DVC's plots pages draw
+without the network (itm/offline_plots.py).
 
     itm search --model models/scan_t2i_avg --text "a red circle to the left of a blue square" --top 5
     itm search --model models/scan_t2i_avg/seed1 --image data/raw/synthetic/images/<file>.jpg --sheet sheet.png
@@ -111,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     ui.add_argument("--port", type=int, default=5000, help="default 5000")
+    offline = commands.add_parser(
+        "offline-plots",
+        help="make `dvc plots show` pages draw without the network",
+        description="Fetch Vega, Vega-Lite and Vega-Embed once from the npm registry (the releases DVC's page loads "
+        "from a CDN; sha256-checked, kept in data/downloads), write .dvc/plots/offline.html with them inlined, and "
+        "set plots.html_template in .dvc/config.local, so `dvc plots show` and `dvc plots diff` pages draw offline.",
+    )
+    offline.add_argument("--registry", default="https://registry.npmjs.org", help="an npm registry or its mirror")
+    offline.add_argument("--cache", type=Path, default=Path("data/downloads"), help="where downloads are kept")
     return parser
 
 
@@ -122,10 +132,24 @@ def _main(argv: Sequence[str] | None = None) -> None:
         show_experiments(args)
     elif args.command == "tracking":
         sync_tracking()
+    elif args.command == "offline-plots":
+        make_plots_offline(args)
     elif args.command == "ui":
         from itm.tracking.ui import serve
 
         serve(args.host, args.port)
+
+
+def make_plots_offline(args: argparse.Namespace) -> None:
+    """`itm offline-plots`: the template written, and DVC's local config pointing at it."""
+    from itm.offline_plots import write_offline_template
+    from itm.tracking import repository_root
+
+    dvc_dir = repository_root() / ".dvc"
+    if not dvc_dir.is_dir():
+        raise UserError(f"{Path.cwd()}: not inside a DVC repository (no .dvc folder above it)")
+    path = write_offline_template(dvc_dir, args.cache, registry=args.registry)
+    print(f"wrote {path}; `dvc plots show` and `dvc plots diff` pages now draw offline (plots.html_template)")
 
 
 def sync_tracking() -> None:

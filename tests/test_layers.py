@@ -4,7 +4,7 @@ The layers, top to bottom:
 
     1. entry points: stages, bench, itm.commands
     2. itm.compare
-    3. itm.report, itm.figures, itm.search
+    3. itm.report, itm.figures, itm.search, itm.experiments, itm.offline_plots
     4. itm.train, itm.detect
     5. itm.evaluate, itm.pair_attention, itm.published
     6. itm.models
@@ -34,7 +34,7 @@ from tests.import_graph import ImportGraph
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("stages", "bench", "itm.commands", "itm.profiles"),
     ("itm.compare",),
-    ("itm.report", "itm.figures", "itm.search", "itm.experiments"),
+    ("itm.report", "itm.figures", "itm.search", "itm.experiments", "itm.offline_plots"),
     ("itm.train", "itm.detect"),
     ("itm.evaluate", "itm.pair_attention", "itm.published"),
     ("itm.models",),

@@ -81,7 +81,9 @@ def test_repro_then_nothing_to_do_then_an_experiment_changes_the_data(reproduced
     assert set(headline) == {*matchers, "scan_ensemble"} and all("rsum" in row for row in headline.values())
     assert "metrics/vsepp/seed0.json" not in shown  # each figure has one home in what DVC shows
     assert "seconds" not in shown  # times live in the runs' records, not in what DVC tracks
-    charts = json.loads(run(["dvc", "plots", "show", "--json"], tiny_repo).stdout)["data"]
+    shown_plots = json.loads(run(["dvc", "plots", "show", "--json"], tiny_repo).stdout)
+    assert shown_plots.get("errors", []) == []  # e.g. a .gitignore beside an output, read as a plot
+    charts = shown_plots["data"]
     assert "reports/recall_curves.json" in charts and "reports/rsum.json" in charts
     curves = [name for name in charts if name.endswith("recall_curve.json")]
     assert sorted(curves) == sorted(f"plots/{name}/seed0/recall_curve.json" for name in matchers)  # once each

@@ -62,7 +62,8 @@ def make_tiny_repo(repo: Path) -> Path:
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, repo / name)
-    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    local = shutil.ignore_patterns("cache", "tmp", "config.local", "offline.html")  # this clone's own
+    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=local)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"]["synthetic"] = {"kind": "synthetic", **TINY_SYNTHETIC}
     params["tokenize"]["min_count"] = 1
