@@ -49,7 +49,7 @@ def _zip_bytes(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _tar_gz_bytes(files: dict[str, bytes]) -> bytes:
+def tar_gz_bytes(files: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
         for name, data in files.items():
@@ -71,7 +71,7 @@ def _serve_flickr(http_server, images: list[dict] = FLICKR_IMAGES, archive_fault
     splits_zip = _zip_bytes({"dataset_flickr30k.json": json.dumps({"dataset": "flickr30k", "images": images}).encode()})
     photos = {f"flickr30k-images/{image['filename']}": _jpeg(i) for i, image in enumerate(FLICKR_IMAGES)}
     photos["flickr30k-images/readme.txt"] = b"not an image of the split file"
-    archive = _tar_gz_bytes(photos)
+    archive = tar_gz_bytes(photos)
     return KarpathyDataset.model_validate(
         {
             "kind": "flickr30k",

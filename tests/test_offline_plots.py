@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,17 +18,7 @@ from itm.config import DownloadParams
 from itm.errors import UserError
 from itm.offline_plots import LIBRARIES, TEMPLATE_PATH, Library, browser_build, write_offline_template
 from tests.http_server import http_server_fixture  # noqa: F401 - provides the `http_server` fixture
-
-
-def _npm_archive(members: dict[str, bytes]) -> bytes:
-    """A gzipped tar as npm serves a package: files under `package/`."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+from tests.test_karpathy import tar_gz_bytes  # a gzipped tar, as npm serves a package (files under package/)
 
 
 def _registry(http_server, scripts: dict[str, bytes] | None = None) -> tuple[str, tuple[Library, ...]]:
@@ -39,7 +27,7 @@ def _registry(http_server, scripts: dict[str, bytes] | None = None) -> tuple[str
     libraries = []
     for library in LIBRARIES:
         code = (scripts or {}).get(library.name, f"window.{library.name.replace('-', '_')} = 1;".encode())
-        archive = _npm_archive({library.member: code, "package/package.json": b"{}"})
+        archive = tar_gz_bytes({library.member: code, "package/package.json": b"{}"})
         http_server.add(f"/{library.name}/-/{library.name}-{library.version}.tgz", archive)
         libraries.append(Library(library.name, library.version, hashlib.sha256(archive).hexdigest(), library.member))
     return http_server.url(""), tuple(libraries)
@@ -81,7 +69,7 @@ def test_an_archive_that_fails_its_checksum_writes_nothing(http_server, tmp_path
 
 def test_an_archive_without_the_build_is_named(tmp_path: Path) -> None:
     archive = tmp_path / "vega-5.20.2.tgz"
-    archive.write_bytes(_npm_archive({"package/package.json": b"{}"}))
+    archive.write_bytes(tar_gz_bytes({"package/package.json": b"{}"}))
     with pytest.raises(UserError, match=r"vega-5.20.2.tgz: no member 'package/build/vega.min.js'"):
         browser_build(archive, "package/build/vega.min.js")
     archive.write_bytes(b"not a tar")
