@@ -13,7 +13,6 @@ Each checkpoint names the MLflow run its epochs were logged to (`RUN_ID_KEY`), w
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,6 @@ CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.previous.pt"  # the one before: what a damaged checkpoint falls back to
 FINGERPRINT_KEY = "fingerprint"  # identifies the training run a checkpoint belongs to
 RUN_ID_KEY = "mlflow_run_id"  # the MLflow run its epochs were logged to, or None
-
-Problem = Callable[[dict[str, Any]], str | None]  # why a loaded checkpoint cannot be resumed from, or None
 
 
 def candidates(work_dir: Path) -> tuple[Path, Path]:
@@ -49,12 +46,14 @@ def save_checkpoint(work_dir: Path, state: dict[str, Any]) -> None:
             path.replace(previous)
 
 
-def load_checkpoint(work_dir: Path, fingerprint: str, problem: Problem) -> dict[str, Any] | None:
-    """The newest usable checkpoint of the training run `fingerprint` in `work_dir`, or None (start afresh).
-    `problem` says why a loaded checkpoint does not fit the model at hand; such a checkpoint, or one that cannot be
-    read at all, is named in a warning and removed."""
+def load_checkpoint(
+    work_dir: Path, fingerprint: str, model: torch.nn.Module, required: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """The newest usable checkpoint of the training run `fingerprint` in `work_dir`, or None (start afresh). A
+    checkpoint that cannot be read, lacks an entry of `required` or holds weights (`model`) of other shapes than
+    `model`'s is named in a warning and removed."""
     for path in candidates(work_dir):
-        state = _read(path, problem)
+        state = _read(path, model, required)
         if state is None:
             continue
         if state[FINGERPRINT_KEY] != fingerprint:
@@ -87,29 +86,28 @@ def remove_checkpoints_when_published(work_dir: Path) -> None:
         remove_when_published(path)
 
 
-def missing_entries(state: dict[str, Any], required: tuple[str, ...]) -> str | None:
-    """A problem naming the entries of `required` that `state` lacks, or None."""
-    missing = [key for key in (FINGERPRINT_KEY, *required) if key not in state]
-    return f"not a whole checkpoint (no {', '.join(missing)})" if missing else None
-
-
-def weights_problem(weights: Any, model: torch.nn.Module) -> str | None:
-    """A problem when `weights` is not a state dict of `model`'s shapes, or None."""
-    if not isinstance(weights, dict):
+def _problem(state: Any, model: torch.nn.Module, required: tuple[str, ...]) -> str | None:
+    """Why a loaded checkpoint cannot be resumed from: not a mapping, entries missing, weights of other shapes."""
+    if not isinstance(state, dict):
+        return "not a checkpoint"
+    missing = [key for key in (FINGERPRINT_KEY, "model", *required) if key not in state]
+    if missing:
+        return f"not a whole checkpoint (no {', '.join(missing)})"
+    if not isinstance(state["model"], dict):
         return "not a checkpoint"
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if torch.is_tensor(value)}
-    found = {key: tuple(value.shape) for key, value in weights.items() if torch.is_tensor(value)}
+    found = {key: tuple(value.shape) for key, value in state["model"].items() if torch.is_tensor(value)}
     return None if found == expected else "its weights do not fit this model"
 
 
-def _read(path: Path, problem: Problem) -> dict[str, Any] | None:
-    """The checkpoint at `path` when it is whole and `problem` finds nothing wrong; None when there is none. A
-    damaged one is named in a warning and removed."""
+def _read(path: Path, model: torch.nn.Module, required: tuple[str, ...]) -> dict[str, Any] | None:
+    """The checkpoint at `path` when it is whole and fits `model`; None when there is none. A damaged one is named
+    in a warning and removed."""
     if not path.is_file():
         return None
     try:
         state = load_torch(path, what="checkpoint")
-        reason = (missing_entries(state, ()) or problem(state)) if isinstance(state, dict) else "not a checkpoint"
+        reason = _problem(state, model, required)
     except UserError as error:
         reason = str(error).removeprefix(f"{path}: ")
     if reason is None:

@@ -2,8 +2,9 @@
 
 DVC's plots page loads Vega, Vega-Lite and Vega-Embed from a CDN (cdn.jsdelivr.net, dvc_render/vega.py), so a
 machine without the internet shows an empty page. `itm offline-plots` fetches the same releases once from the npm
-registry, checks each archive against its sha256, and writes `.dvc/plots/offline.html`: DVC's page with the three
-libraries inlined and without the `{scripts}` placeholder, where DVC would put its CDN tags. It then sets
+registry, checks each archive against its sha256, and writes `.dvc/plots/offline.html`: DVC's own page
+(`dvc_render.html.PAGE_HTML`) with the three libraries inlined where DVC's page puts its CDN tags (`{scripts}`),
+so DVC has nowhere to put them. It then sets
 `plots.html_template` in `.dvc/config.local` (this clone only, not committed), so every later page draws offline.
 The archives stay in the download cache (data/downloads), so the command runs again without the network.
 """
@@ -16,6 +17,8 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from dvc_render.html import PAGE_HTML
 
 from itm.atomic import write_text
 from itm.config import DownloadParams
@@ -48,24 +51,6 @@ LIBRARIES = (
             "package/build/vega-embed.min.js"),
 )  # fmt: skip
 
-# dvc_render/html.py's page, with the libraries where its `{scripts}` placeholder was.
-_PAGE = """<!DOCTYPE html>
-<html>
-<head>
-    {refresh_tag}
-    <title>DVC Plot</title>
-LIBRARIES
-    <style>
-        table {
-            border-spacing: 15px;
-        }
-    </style>
-</head>
-<body>
-    {plot_divs}
-</body>
-</html>"""
-
 
 def browser_build(archive: Path, member: str) -> str:
     """The JavaScript file `member` of the npm archive `archive` (a gzipped tar), read without extracting."""
@@ -93,7 +78,7 @@ def page_template(scripts: Mapping[str, str]) -> str:
     escaped = {name: code.replace("</script", "<\\/script") for name, code in scripts.items()}
     blocks = [f'    <script type="text/javascript">/* {name} */\n{code}\n    </script>'
               for name, code in escaped.items()]  # fmt: skip
-    return _PAGE.replace("LIBRARIES", "\n".join(blocks))
+    return PAGE_HTML.replace("{scripts}", "\n".join(blocks).lstrip())
 
 
 def write_offline_template(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -17,25 +15,14 @@ from itm.detect.metrics import Detections, GroundTruth, average_precision, mean_
 from itm.detect.train import learning_rate_factor, train_detector
 from itm.tracking import NullTracker
 from tests.conftest import TINY_DETECTOR
+from tests.interruptions import interrupted_in_epoch
 
 TRAINING = DetectorTraining(epochs=2, batch_size=8, learning_rate=0.01, warmup_iterations=4, max_images=32)
 
 
-@contextlib.contextmanager
-def detector_interrupted_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[None]:
-    """A detector training inside is interrupted (Ctrl-C) in its epoch `epoch` (0-based), after the checkpoints of the
-    epochs before it."""
-    real = train._train_one_epoch
-
-    def stop_in_the_epoch(*args: Any, **kwargs: Any) -> Any:
-        if args[5] == epoch:  # the epoch index
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_train_one_epoch", stop_in_the_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        yield
-    monkeypatch.setattr(train, "_train_one_epoch", real)
+def detector_interrupted_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> AbstractContextManager[None]:
+    """A detector training inside is interrupted (Ctrl-C) in its epoch `epoch` (0-based)."""
+    return interrupted_in_epoch(monkeypatch, train, epoch, epoch_argument=5)
 
 
 def _train(dataset: Path, work: Path, tracker: NullTracker, training: DetectorTraining = TRAINING):

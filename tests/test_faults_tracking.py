@@ -36,6 +36,7 @@ from itm.errors import UserError
 from itm.tracking import NullTracker, runs, start_run
 from itm.train import loop
 from tests.conftest import REPO
+from tests.interruptions import interrupted_in_epoch
 from tests.test_detector_stages import _detector as run_detector_stage
 from tests.test_detector_stages import _params as detector_params
 from tests.test_detector_train import detector_interrupted_in_epoch
@@ -438,20 +439,9 @@ def test_a_stage_resumed_after_kill_9_continues_its_run(repo: Path) -> None:
     assert _steps(uri, run_id) == [1, 2]
 
 
-@contextlib.contextmanager
-def _interrupted_in_the_third_epoch(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _interrupted_in_the_third_epoch(monkeypatch: pytest.MonkeyPatch) -> contextlib.AbstractContextManager[None]:
     """A training inside is interrupted (Ctrl-C) in its third epoch, after two checkpoints."""
-    real = loop._train_one_epoch
-
-    def stop_in_the_third_epoch(*args: Any, **kwargs: Any) -> Any:
-        if args[2] == 2:  # the epoch index
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_one_epoch", stop_in_the_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        yield
-    monkeypatch.setattr(loop, "_train_one_epoch", real)
+    return interrupted_in_epoch(monkeypatch, loop, 2, epoch_argument=2)
 
 
 def test_a_resumed_training_continues_its_run_with_the_whole_history(

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from itm.checkpoints import RUN_ID_KEY, load_checkpoint, missing_entries, save_checkpoint, weights_problem
+from itm.checkpoints import FINGERPRINT_KEY, RUN_ID_KEY, load_checkpoint, save_checkpoint
 from itm.config import DetectorArchitecture, DetectorTraining
 from itm.detect.data import Annotated, DetectionDataset, Vocabularies, collate
 from itm.detect.metrics import Detections, GroundTruth, attribute_accuracy, mean_ap
@@ -33,7 +33,7 @@ from itm.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-_CHECKPOINT_KEYS = ("epochs_done", "model", "optimizer", "schedule", "rng", "history")
+_CHECKPOINT_KEYS = ("optimizer", "schedule", "rng", "history")  # and the fingerprint and model weights
 
 
 @dataclass(frozen=True)
@@ -168,10 +168,9 @@ def _save_checkpoint(
     run_id: str | None,
 ) -> None:
     state = {
-        "fingerprint": fingerprint,
+        FINGERPRINT_KEY: fingerprint,
         RUN_ID_KEY: run_id,
-        "epochs_done": len(history),
-        "history": history,  # each finished epoch's averages, logged again when another run continues them
+        "history": history,  # each finished epoch's averages, one per epoch done
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
@@ -190,11 +189,7 @@ def _resume(
 ) -> list[dict[str, float]]:
     """The finished epochs' averages (none without a usable checkpoint of this run), with the state restored; when
     `tracker` logs to another run than the checkpoint's, the finished epochs are logged to it again."""
-    state = load_checkpoint(
-        work_dir,
-        fingerprint,
-        lambda state: missing_entries(state, _CHECKPOINT_KEYS) or weights_problem(state["model"], model),
-    )
+    state = load_checkpoint(work_dir, fingerprint, model, _CHECKPOINT_KEYS)
     if state is None:
         return []
     model.load_state_dict(state["model"])

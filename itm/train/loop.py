@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from itm.checkpoints import RUN_ID_KEY, load_checkpoint, missing_entries, save_checkpoint, weights_problem
+from itm.checkpoints import FINGERPRINT_KEY, RUN_ID_KEY, load_checkpoint, save_checkpoint
 from itm.config import TrainParams
 from itm.data.batches import Captions, Images
 from itm.device import autocast, running_precision
@@ -280,7 +280,7 @@ def _save(
     save_checkpoint(
         work_dir,
         {
-            "fingerprint": fingerprint,
+            FINGERPRINT_KEY: fingerprint,
             RUN_ID_KEY: run_id,
             "model": matcher.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -296,7 +296,7 @@ def _save(
     )
 
 
-_CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "best_state", "best_epoch", "best_metrics", "history",
+_CHECKPOINT_KEYS = ("optimizer", "scaler", "best_state", "best_epoch", "best_metrics", "history",
                     "epoch_seconds", "rng", "cuda_rng")  # fmt: skip
 
 
@@ -305,11 +305,7 @@ def _resume(
 ) -> FitResult | None:
     """The state of this training run from its newest usable checkpoint in `work_dir`, or None (start from the
     first epoch)."""
-    state = load_checkpoint(
-        work_dir,
-        fingerprint,
-        lambda state: missing_entries(state, _CHECKPOINT_KEYS) or weights_problem(state["model"], matcher),
-    )
+    state = load_checkpoint(work_dir, fingerprint, matcher, _CHECKPOINT_KEYS)
     if state is None:
         return None
     matcher.load_state_dict(state["model"])
