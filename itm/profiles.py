@@ -16,6 +16,7 @@ experiment's comparison is printed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 
 from itm.config import PARAMS_FILE, parse_params, read_yaml
 from itm.errors import UserError
+from itm.prefork import warm_stages
 from itm.stage_runner import run_stage
 from itm.tracking import flatten
 
@@ -85,9 +87,10 @@ def experiment_name(profile: Path, now: datetime.datetime | None = None) -> str:
     return f"{profile.stem}-{stamp}"
 
 
-def run_profile(profile_path: Path, params_path: Path = PARAMS_FILE) -> str:
+def run_profile(profile_path: Path, params_path: Path = PARAMS_FILE, warm: bool = True) -> str:
     """Check the profile against the schema, run it as a temporary DVC experiment and print its comparison table;
-    returns the experiment's name."""
+    returns the experiment's name. `warm`: each stage runs in a fork of one process that has imported the libraries
+    (itm/prefork.py), instead of importing them itself."""
     params = read_yaml(params_path)
     if not isinstance(params, dict):
         raise UserError(f"{params_path}: expected a mapping of sections at the top level")
@@ -96,7 +99,9 @@ def run_profile(profile_path: Path, params_path: Path = PARAMS_FILE) -> str:
     name = experiment_name(profile_path)
     command = ["dvc", "exp", "run", "--temp", "-n", name, *set_flags(overrides)]
     print(f"running the profile {profile_path} as the DVC experiment {name} (the workspace is left as it is)")
-    if subprocess.run(command).returncode != 0:
+    with warm_stages() if warm else contextlib.nullcontext(None) as environment:
+        done = subprocess.run(command, env=environment)
+    if done.returncode != 0:
         raise UserError(f"the experiment {name} failed (its stages' errors are above)")
     print(headline_table(name))
     return name
@@ -121,8 +126,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("profile", type=Path, help="a profile file, e.g. profiles/quick.yaml")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument(
+        "--cold", action="store_true", help="each stage imports its libraries itself (no warm process to fork)"
+    )
     args = parser.parse_args(argv)
-    run_profile(args.profile, args.params)
+    run_profile(args.profile, args.params, warm=not args.cold)
 
 
 if __name__ == "__main__":
