@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -67,6 +68,7 @@ PRELOADED = (
 STANDARD_STREAMS = (0, 1, 2)
 _HEADER = struct.Struct("!I")  # the length of the JSON message that follows
 _POLL_SECONDS = 0.2
+START_SECONDS = 30
 
 
 # The launcher: `python` on the warm run's PATH. Only `python -m stages.<name> ...` goes to the warm process.
@@ -98,6 +100,10 @@ def warm_stages(
             [sys.executable, "-m", "itm.prefork", "--serve", str(socket_path), *preloaded], env=environment
         )
         try:
+            if not _listening(socket_path, server):
+                print("itm.prefork: the warm process did not start; stages run cold", file=sys.stderr)
+                yield dict(os.environ if environ is None else environ)
+                return
             environment["PATH"] = os.pathsep.join([str(launcher.parent), environment.get("PATH", "")])
             environment[SOCKET_VARIABLE] = str(socket_path)
             yield environment
@@ -108,6 +114,17 @@ def warm_stages(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _listening(socket_path: Path, server: subprocess.Popen[bytes]) -> bool:
+    """Wait until the warm process listens (it binds its socket before importing anything, so stages that come
+    while it imports wait in its queue); False if it ended or took over START_SECONDS."""
+    deadline = time.monotonic() + START_SECONDS
+    while not socket_path.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 # -- the warm process ---------------------------------------------------------------------------------------------
 
 
@@ -116,8 +133,10 @@ def serve(socket_path: Path, preloaded: Sequence[str]) -> None:
     request in a fork, one at a time (DVC runs one stage at a time)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the running stage; this process waits for it
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(str(socket_path))
+        binding = socket_path.with_name(f"{socket_path.name}.binding")
+        listener.bind(str(binding))
         listener.listen(8)
+        binding.rename(socket_path)  # the socket appears listening: a launcher never finds it refusing
         from itm import environment
 
         environment.pin()  # as `stages/__init__.py` does, before torch is imported
@@ -142,13 +161,20 @@ def _serve(connection: socket.socket, listener: socket.socket) -> None:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        listener.close()
-        connection.close()
-        os._exit(_run_stage(request, streams))
+        code = 1
+        try:
+            listener.close()
+            connection.close()
+            code = _run_stage(request, streams)
+        finally:
+            os._exit(code)  # never back into this loop
     for descriptor in streams:
         os.close(descriptor)
-    _send(connection, {"pid": pid})
-    _send(connection, {"status": _wait(pid, connection)})
+    with contextlib.suppress(OSError):  # a launcher that went away before the status: it is not waiting for it
+        _send(connection, {"pid": pid})
+    status = _wait(pid, connection)
+    with contextlib.suppress(OSError):
+        _send(connection, {"status": status})
 
 
 def _wait(pid: int, connection: socket.socket) -> int:
@@ -158,10 +184,18 @@ def _wait(pid: int, connection: socket.socket) -> int:
         if done:
             return os.waitstatus_to_exitcode(status)
         readable, _, _ = select.select([connection], [], [], _POLL_SECONDS)
-        if readable and not connection.recv(1, socket.MSG_PEEK):
+        if readable and not _peek(connection):
             os.kill(pid, signal.SIGTERM)
             _, status = os.waitpid(pid, 0)
             return os.waitstatus_to_exitcode(status)
+
+
+def _peek(connection: socket.socket) -> bytes:
+    """What waits to be read on `connection`, without reading it; nothing once the other side has closed it."""
+    try:
+        return connection.recv(1, socket.MSG_PEEK)
+    except ConnectionError:
+        return b""
 
 
 def _run_stage(request: dict[str, Any], streams: Sequence[int]) -> int:
@@ -258,8 +292,11 @@ def _forward_signals(child: int) -> None:
 def _send(connection: socket.socket, message: dict[str, Any], streams: Sequence[int] = ()) -> None:
     body = json.dumps(message).encode()
     data = _HEADER.pack(len(body)) + body
-    sent = socket.send_fds(connection, [data], list(streams)) if streams else connection.send(data)
-    connection.sendall(data[sent:])
+    if streams:
+        sent = socket.send_fds(connection, [data], list(streams))  # the descriptors go with the first bytes
+        data = data[sent:]
+    if data:
+        connection.sendall(data)
 
 
 class _Messages:
