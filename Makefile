@@ -20,8 +20,9 @@ $(VENV)/.synced: pyproject.toml uv.lock
 repro: setup
 	dvc repro
 
-# The whole pipeline on profiles/quick.yaml in a few minutes, as its own DVC experiment (the workspace is untouched).
-# Nothing goes to MLflow unless ITM_TRACKING=on is set: MLflow's start-up costs each of the 24 stages ~4.5 s.
+# The whole pipeline on profiles/quick.yaml in a few minutes, as its own DVC experiment (the workspace is untouched);
+# its stages are forks of one process that has imported the libraries (itm/prefork.py).
+# Nothing goes to MLflow unless ITM_TRACKING=on is set.
 quick: export ITM_TRACKING ?= off
 quick: setup
 	python -m itm.profiles profiles/quick.yaml
