@@ -11,12 +11,12 @@ Run from the repository root, inside the virtualenv: each benchmark runs as `pyt
 With a GPU (`torch.cuda.is_available()`, or `--device cuda`) each benchmark runs at its full size on it
 (similarity: Flickr30K and COCO 5K galleries, fp32/fp16/bf16; extraction: up to BUTD batch 8 in fp16/bf16;
 training: the papers' sizes, fp32/bf16/fp16 and torch.compile; precision: the whole test split). Without one, the
-CPU sizes keep the whole run to about ten minutes on two idle cores: similarity at a tenth of the Flickr30K
+CPU sizes keep the whole run to about a quarter of an hour on two idle cores: similarity at a tenth of the Flickr30K
 gallery, fp32 and bf16 (CPU autocast), with the reference timed on 50 captions; extraction with 2 timed runs;
 training at embed 256 / word 128 / batch 64; precision on 200 test images; the search shortlist timed on 20 text
-and 5 image queries, shortlists of 10, 50 and 200. `--options "..."` appends options to these for the one
-benchmark chosen with `--only` (the later options win: a quick check at other sizes). The exact command of each
-benchmark is printed (and recorded) above its output.
+and 5 image queries, shortlists of 10, 50 and 200; the quick profile once cold and once warm (7 minutes).
+`--options "..."` appends options to these for the one benchmark chosen with `--only` (the later options win: a
+quick check at other sizes). The exact command of each benchmark is printed (and recorded) above its output.
 
 A benchmark that fails does not stop the others: its error output is printed (and recorded) and the exit status
 is 1 at the end. The record starts with the device, the date, the git commit (`git rev-parse --short HEAD`) and,
@@ -71,6 +71,8 @@ BENCHMARKS = (
     ),
     # start-up is import work on the CPU, the same with or without a GPU
     Benchmark("startup", (), ()),
+    # the quick profile cold and warm (itm/prefork.py): ~7 min on two cores
+    Benchmark("quick", (), ()),
 )
 
 

@@ -29,6 +29,7 @@ import json
 import os
 import runpy
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -45,8 +46,7 @@ from pathlib import Path
 from typing import Any
 
 SOCKET_VARIABLE = "ITM_WARM_SOCKET"
-STAGE_PACKAGE = "stages"
-PROJECT_PACKAGES = ("itm", STAGE_PACKAGE)  # imported afresh in each fork, from the stage's working folder
+PROJECT_PACKAGES = ("itm", "stages")  # imported afresh in each fork, from the stage's working folder
 PRELOADED = (
     "numpy",
     "pandas",
@@ -92,7 +92,7 @@ def warm_stages(
     try:
         launcher = folder / "bin" / "python"
         launcher.parent.mkdir()
-        launcher.write_text(LAUNCHER.format(python=sys.executable))
+        launcher.write_text(LAUNCHER.format(python=shlex.quote(sys.executable)))
         launcher.chmod(stat.S_IRWXU)
         socket_path = folder / "socket"
         environment = dict(os.environ if environ is None else environ)
@@ -210,6 +210,7 @@ def _run_stage(request: dict[str, Any], streams: Sequence[int]) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    del os.environ[SOCKET_VARIABLE]  # a `python -m stages.*` the stage starts runs cold: this process waits for it
     for name in [name for name in sys.modules if name.split(".")[0] in PROJECT_PACKAGES]:
         del sys.modules[name]
     sys.path[0] = request["cwd"]

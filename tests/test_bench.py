@@ -158,6 +158,14 @@ def test_startup_times_entry_points_here_and_in_another_revision() -> None:
         assert all(float(cell) > 0 for cell in (row[1], row[2], row[4], row[5]))
 
 
+def test_quick_times_each_stage_to_the_next_and_the_last_to_the_end() -> None:
+    from bench.quick import TOTAL, stage_seconds
+
+    marks = [("download", 10.0), ("train@vsepp-0", 12.5), ("compare", 20.0)]
+    seconds = stage_seconds(marks, started=4.0, ended=26.0)
+    assert seconds == {"download": 2.5, "train@vsepp-0": 7.5, "compare": 6.0, TOTAL: 22.0}
+
+
 @pytest.mark.slow
 def test_run_all_runs_one_benchmark_and_records_it(repo: Path, tmp_path: Path) -> None:  # noqa: F811
     record = tmp_path / "RESULTS.md"

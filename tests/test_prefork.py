@@ -29,6 +29,7 @@ print(json.dumps({
     "stdin": sys.stdin.read(),
     "itm": __import__("itm").__file__,
     "warm": "fractions" in sys.modules,
+    "socket": "ITM_WARM_SOCKET" in os.environ,
 }))
 print("to stderr", file=sys.stderr)
 sys.exit(int(sys.argv[1]))
@@ -80,6 +81,8 @@ def test_a_stage_run_warm_is_the_stage_run_cold_but_for_the_imports(workspace: P
     assert warm_run.stderr == cold_run.stderr == "to stderr\n"
     seen, cold = json.loads(warm_run.stdout), json.loads(cold_run.stdout)
     assert seen.pop("warm") is True and cold.pop("warm") is False
+    assert seen.pop("socket") is False  # a stage's own `python -m stages.*` would run cold, not wait on its parent
+    cold.pop("socket")
     assert seen == cold
     assert seen["argv"] == [str(workspace / "stages" / "probe.py"), "3", "two words"]
     assert seen["path0"] == seen["cwd"] == str(workspace)
@@ -110,6 +113,17 @@ def test_without_its_warm_process_a_stage_runs_cold(workspace: Path, warm: dict[
     assert done.returncode == 0 and json.loads(done.stdout)["warm"] is False
     assert done.stderr.splitlines()[0].startswith("itm.prefork: no warm process (")
     assert done.stderr.splitlines()[0].endswith("); running stages.probe cold")
+
+
+def test_a_warm_process_whose_imports_start_a_thread_leaves_the_stages_cold(workspace: Path, tmp_path: Path) -> None:
+    """A fork would lack the thread: the warm process does not serve, and the stage runs in a fresh interpreter."""
+    starts_a_thread = "import threading, time\nthreading.Thread(target=time.sleep, args=(9,)).start()\n"
+    (tmp_path / "threaded.py").write_text(starts_a_thread)
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    with warm_stages(environment, preloaded=["threaded"]) as warm_env:
+        done = _run(["python", "-m", "stages.probe", "0"], workspace, warm_env)
+    assert done.returncode == 0 and json.loads(done.stdout)["warm"] is False
+    assert "running stages.probe cold" in done.stderr.splitlines()[0]
 
 
 @pytest.mark.slow
