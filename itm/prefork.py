@@ -214,6 +214,7 @@ def _run_stage(request: dict[str, Any], streams: Sequence[int]) -> int:
     for name in [name for name in sys.modules if name.split(".")[0] in PROJECT_PACKAGES]:
         del sys.modules[name]
     sys.path[0] = request["cwd"]
+    importlib.invalidate_caches()  # the finders see the folder as it is now
     sys.argv = [request["module"], *request["args"]]
     code = 0
     try:

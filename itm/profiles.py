@@ -8,7 +8,8 @@ stands for every matcher block of params.yaml. `run_profile` checks the profile 
 in the repository: every stage runs in a temporary copy, the results become the DVC experiment `<profile>-<time>`
 (`dvc exp show`, `dvc exp apply <name>`), the MLflow runs carry the tag `itm.dvc_exp_name`, and the workspace
 (params.yaml, dvc.lock, models/, metrics/, reports/) keeps the default results. The headline table of the
-experiment's comparison is printed at the end.
+experiment's comparison is printed at the end. The stages start warm, as forks of one process that has imported the
+libraries (itm/prefork.py); `--cold` starts each in a fresh interpreter.
 
     python -m itm.profiles profiles/quick.yaml          # what `make quick` runs
 """
