@@ -100,13 +100,12 @@ def warm_stages(
             [sys.executable, "-m", "itm.prefork", "--serve", str(socket_path), *preloaded], env=environment
         )
         try:
-            if not _listening(socket_path, server):
+            if _listening(socket_path, server):
+                path = os.pathsep.join([str(launcher.parent), environment.get("PATH", "")])
+                yield environment | {"PATH": path, SOCKET_VARIABLE: str(socket_path)}
+            else:
                 print("itm.prefork: the warm process did not start; stages run cold", file=sys.stderr)
-                yield dict(os.environ if environ is None else environ)
-                return
-            environment["PATH"] = os.pathsep.join([str(launcher.parent), environment.get("PATH", "")])
-            environment[SOCKET_VARIABLE] = str(socket_path)
-            yield environment
+                yield environment
         finally:
             server.terminate()
             server.wait()
@@ -331,9 +330,7 @@ class _Messages:
                     message, self.buffer = json.loads(self.buffer[_HEADER.size : end]), self.buffer[end:]
                     return message
             try:
-                more = self.connection.recv(65536)
-            except InterruptedError:
-                continue
+                more = self.connection.recv(65536)  # retried by Python when a signal interrupts it (PEP 475)
             except ConnectionError:
                 return None
             if not more:
